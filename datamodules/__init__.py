@@ -1,0 +1,4 @@
+"""LightningDataModules and the multi-crop view pipeline."""
+from .views import Views
+
+__all__ = ["Views"]

@@ -1,0 +1,14 @@
+"""Pure tensor math of every method: losses, Sinkhorn, clustering, matching.
+
+Nothing here imports Lightning or holds state: inputs are already gathered across processes, no input is
+changed in place, and results follow the inputs' dtype and device. The contracts and the reference
+vectors computed with the official implementations live in ``shared/parity/<method>/README.md``.
+"""
+from .bam import *  # noqa: F401,F403
+from .bam import __all__ as _bam_all
+from .cribo import *  # noqa: F401,F403
+from .cribo import __all__ as _cribo_all
+from .vicregl import *  # noqa: F401,F403
+from .vicregl import __all__ as _vicregl_all
+
+__all__ = [*_bam_all, *_cribo_all, *_vicregl_all]

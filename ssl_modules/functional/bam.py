@@ -1,0 +1,3 @@
+"""bam functional core (see shared/parity/bam/README.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""cribo functional core (see shared/parity/cribo/README.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""vicregl functional core (see shared/parity/vicregl/README.md)."""
+
+__all__: list[str] = []
