@@ -40,13 +40,3 @@ class Views(NamedTuple):
     def pixel_boxes(self) -> Tensor:
         """Boxes in seed-image pixels, ``(B, V, 4)``: ``boxes * (H, W, H, W)``."""
         return self.boxes * self.image_size.repeat(1, 2)[:, None, :]
-
-    def to(self, *args, **kwargs) -> "Views":
-        return Views(
-            [c.to(*args, **kwargs) for c in self.crops],
-            self.boxes.to(*args, **kwargs) if self.boxes.is_floating_point() else self.boxes,
-            self.flipped,
-            self.image_size.to(*args, **kwargs),
-            self.label,
-            self.index,
-        )
