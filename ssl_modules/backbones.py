@@ -1,0 +1,160 @@
+"""Any timm model -> uniform features: a global vector, dense tokens/cells and their grid.
+
+ViTs give the pooled token (CLS, after the final norm) and the patch tokens; CNNs give the pooled last map
+and its cells. Where a method's official code takes features differently from timm's defaults, the
+difference is an explicit option here (``global_pool="cell_norm_mean"``, ``layer_scale=False``).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Features", "Backbone", "is_vit_name", "disable_stochastic_layers"]
+
+_VIT_MODULES = ("vision_transformer", "deit", "eva", "vision_transformer_hybrid", "vision_transformer_relpos")
+
+
+class Features(NamedTuple):
+    """What every backbone gives.
+
+    Attributes:
+        global_: ``(B, C)`` the pooled vector (CLS token for ViTs, average-pooled last map for CNNs).
+        dense: ``(B, N, C)`` patch tokens / last feature-map cells, row-major, ``N = h * w``.
+        grid: ``(h, w)`` of the dense features.
+    """
+
+    global_: Tensor
+    dense: Tensor
+    grid: tuple[int, int]
+
+
+def is_vit_name(name: str) -> bool:
+    """Whether timm builds ``name`` as a Vision Transformer (patch tokens plus prefix tokens)."""
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in _VIT_MODULES
+
+
+def disable_stochastic_layers(module: nn.Module) -> None:
+    """Turn stochastic depth and dropout off in place (for EMA teachers, which the papers build without)."""
+    for layer in module.modules():
+        if isinstance(layer, timm.layers.DropPath):
+            layer.drop_prob = 0.0
+        elif isinstance(layer, nn.Dropout):
+            layer.p = 0.0
+
+
+def _strip_layer_scale(model: nn.Module) -> int:
+    """Remove ConvNeXt's layer scale (``gamma``) from every block; returns how many were removed.
+
+    ``timm.create_model(..., ls_init_value=None)`` does not do this: create_model drops keyword arguments
+    whose value is None, so the blocks silently keep the default layer scale.
+    """
+    removed = 0
+    for block in model.modules():
+        if isinstance(getattr(block, "gamma", None), nn.Parameter):
+            block.gamma = None
+            removed += 1
+    return removed
+
+
+class Backbone(nn.Module):
+    """A timm model wrapped to return :class:`Features`.
+
+    Args:
+        name: any timm model name (``vit_small_patch16_224``, ``resnet50``, ``convnext_small``, ...).
+        pretrained: load timm's pretrained weights (needs them in the local cache: there is no download
+            here). Off by default: self-supervised pretraining starts from scratch.
+        global_pool: ``"default"`` uses the model's own pooling (CLS token for ViTs, average pool for
+            CNNs); ``"cell_norm_mean"`` applies the head's LayerNorm to every cell and averages the
+            normalised cells, and the dense cells are the normalised ones (VICRegL's ConvNeXt features;
+            timm pools first and normalises after, which gives different vectors).
+        layer_scale: ``False`` removes ConvNeXt's layer scale (VICRegL's ConvNeXt has none).
+        **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``,
+            ``drop_path_rate``, ...). ViTs get ``dynamic_img_size=True`` unless told otherwise, so that one
+            model takes crops of several sizes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        global_pool: Literal["default", "cell_norm_mean"] = "default",
+        layer_scale: bool = True,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("default", "cell_norm_mean"):
+            raise ValueError(f"global_pool must be 'default' or 'cell_norm_mean', got {global_pool!r}")
+        self.name = name
+        self.is_vit = is_vit_name(name)
+        if self.is_vit:
+            model_kwargs.setdefault("dynamic_img_size", True)
+        self.model_kwargs = dict(model_kwargs)
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+        self.global_pool = global_pool
+        if global_pool == "cell_norm_mean" and not isinstance(getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
+            raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")
+        if not layer_scale and _strip_layer_scale(self.model) == 0:
+            raise ValueError(f"layer_scale=False: {name} has no layer-scale parameters to remove")
+        self.layer_scale = layer_scale
+        self.num_features: int = self.model.num_features
+        self.stride: int = self._stride()
+
+    def _stride(self) -> int:
+        if self.is_vit:
+            patch = self.model.patch_embed.patch_size
+            return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        return int(self.model.feature_info[-1]["reduction"])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 0))
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(h, w)`` feature grid of a crop of ``height x width`` pixels."""
+        return height // self.stride, width // self.stride
+
+    def check_input(self, images: Tensor) -> None:
+        """Reject crops the model would silently truncate or cannot reduce to at least one cell."""
+        height, width = images.shape[-2:]
+        if height < self.stride or width < self.stride:
+            raise ValueError(
+                f"crops of {height}x{width} px are smaller than the stride {self.stride} of {self.name}: "
+                f"use crops of at least {self.stride} px (or a model with a smaller patch/stride)"
+            )
+        if self.is_vit and (height % self.stride or width % self.stride):
+            raise ValueError(
+                f"crops of {height}x{width} px do not fit the patch size {self.stride} of {self.name}: "
+                f"use crop sizes that are multiples of {self.stride}"
+            )
+
+    def forward(self, images: Tensor) -> Features:
+        self.check_input(images)
+        if self.is_vit:
+            return self._vit_features(images)
+        return self._cnn_features(images)
+
+    def _vit_features(self, images: Tensor) -> Features:
+        tokens = self.model.forward_features(images)
+        grid = self.grid_size(*images.shape[-2:])
+        dense = tokens[:, self.num_prefix_tokens :]
+        return Features(self.model.forward_head(tokens, pre_logits=True), dense, grid)
+
+    def _cnn_features(self, images: Tensor) -> Features:
+        maps = self.model.forward_features(images)
+        if self.global_pool == "cell_norm_mean":
+            normed = self.model.head.norm(maps)
+            dense = normed.flatten(2).transpose(1, 2)
+            return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
+        dense = maps.flatten(2).transpose(1, 2)
+        return Features(self.model.forward_head(maps, pre_logits=True), dense, tuple(maps.shape[-2:]))
+
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """The weights as ``timm.create_model(name, num_classes=0, **model_kwargs)`` names them."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

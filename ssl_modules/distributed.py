@@ -1,0 +1,109 @@
+"""Collectives that keep autograd right, and no-ops when the run is not distributed.
+
+Everything a method must compute on the global batch (VICReg's variance and covariance, BAM's similarity
+columns, CrIBo's memory bank) goes through these helpers. Torch only: no Lightning import.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "all_gather_variable",
+    "all_reduce",
+]
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _AllGatherSumBackward(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums the incoming gradients over processes.
+
+    Every process's loss depends on every process's rows, so the gradient of a process's own rows is the
+    sum over processes of what each loss sends them. Keeping only the local slice of the local gradient
+    would make the global statistics' gradients ``world_size`` times too small.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        ctx.rows = tensor.shape[0]
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate every process's ``tensor`` along dim 0 in rank order, differentiably.
+
+    All processes must pass the same shape. Returns ``tensor`` itself when not distributed.
+    """
+    if not is_distributed():
+        return tensor
+    return _AllGatherSumBackward.apply(tensor)
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: Tensor) -> Tensor:
+    """Concatenate every process's ``tensor`` along dim 0 in rank order, as a constant."""
+    if not is_distributed():
+        return tensor.detach()
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor.detach().contiguous())
+    return torch.cat(pieces, dim=0)
+
+
+@torch.no_grad()
+def all_gather_variable(tensor: Tensor, dim: int = 0) -> Tensor:
+    """Concatenate tensors whose size along ``dim`` differs between processes (rank order, no gradient).
+
+    The sizes are gathered first, then every piece is padded to the largest one, gathered and stripped.
+    """
+    if not is_distributed():
+        return tensor.detach()
+    tensor = tensor.detach().movedim(dim, 0).contiguous()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = all_gather_no_grad(size).tolist()
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_no_grad(padded).split(max(sizes))
+    return torch.cat([piece[:n] for piece, n in zip(gathered, sizes)]).movedim(0, dim)
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+    """Element-wise reduction over processes (``op`` in ``sum``, ``max``, ``min``) into a new tensor.
+
+    No gradient flows through it. Returns a detached copy when not distributed.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+    return out

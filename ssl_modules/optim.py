@@ -1,0 +1,107 @@
+"""Optimizers and their parameter groups.
+
+LARS follows the rule of the official VICRegL / BAM code (the trust ratio uses the norm of the decayed
+update ``g + wd * p``), which ``timm.optim.Lars`` approximates with ``||g|| + wd ||p||``; the difference is
+tiny, but the official rule is ten lines and exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["LARS", "parameter_groups", "build_optimizer", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling with momentum (You et al., 2017), as the official SSL codes use it.
+
+    For every parameter of a group with ``lars_exclude=False``: ``u = g + weight_decay * p``, then
+    ``u *= eta * ||p|| / ||u||`` when both norms are positive. Groups with ``lars_exclude=True`` (biases and
+    norm parameters) get neither weight decay nor the adaptation. Then ``mu = momentum * mu + u`` and
+    ``p -= lr * mu``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-6,
+        eta: float = 1e-3,
+        lars_exclude: bool = False,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError("LARS needs lr >= 0, momentum >= 0, weight_decay >= 0 and eta > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["eta"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def _is_decayed(name: str, param: nn.Parameter) -> bool:
+    """Biases and 1-d parameters (norm weights) are kept out of weight decay."""
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two groups of the trainable parameters: decayed (``ndim > 1``, not a bias) and not decayed.
+
+    Each group carries ``decayed`` (bool) so that a weight-decay schedule knows which to change, and
+    ``lars_exclude`` for LARS.
+    """
+    decayed, not_decayed = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (decayed if _is_decayed(name, param) else not_decayed).append(param)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay, "decayed": True, "lars_exclude": False},
+        {"params": not_decayed, "weight_decay": 0.0, "decayed": False, "lars_exclude": True},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    name: str,
+    groups: list[dict],
+    lr: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eta: float = 1e-3,
+) -> torch.optim.Optimizer:
+    """AdamW, SGD (momentum) or LARS over ``groups`` from :func:`parameter_groups`."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

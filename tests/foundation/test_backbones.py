@@ -1,0 +1,85 @@
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import TINY_VIT
+from ssl_modules.backbones import Backbone, Features, disable_stochastic_layers, is_vit_name
+
+
+def test_vit_features_are_cls_and_patch_tokens():
+    backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT).eval()
+    images = torch.randn(2, 3, 32, 32)
+    feats = backbone(images)
+    tokens = backbone.model.forward_features(images)
+    assert isinstance(feats, Features)
+    assert feats.grid == (4, 4)
+    torch.testing.assert_close(feats.global_, tokens[:, 0])
+    torch.testing.assert_close(feats.dense, tokens[:, 1:])
+
+
+def test_vit_takes_crops_of_other_sizes():
+    backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT)
+    feats = backbone(torch.randn(3, 3, 16, 24))
+    assert feats.dense.shape == (3, 2 * 3, 64) and feats.grid == (2, 3)
+
+
+def test_vit_rejects_crops_that_do_not_fit_the_patch_size():
+    backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        backbone(torch.randn(1, 3, 30, 32))
+
+
+def test_crops_smaller_than_the_stride_are_rejected():
+    backbone = Backbone("resnet18")
+    with pytest.raises(ValueError, match="smaller than the stride 32"):
+        backbone(torch.randn(1, 3, 16, 16))
+
+
+def test_resnet_features_are_pooled_map_and_cells():
+    backbone = Backbone("resnet18").eval()
+    images = torch.randn(2, 3, 64, 96)
+    feats = backbone(images)
+    maps = backbone.model.forward_features(images)
+    assert feats.grid == (2, 3) and backbone.has_batchnorm
+    torch.testing.assert_close(feats.dense, maps.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(feats.global_, maps.mean(dim=(2, 3)))
+
+
+def test_convnext_cell_norm_mean_normalises_cells_before_pooling():
+    backbone = Backbone("convnext_atto", global_pool="cell_norm_mean").eval()
+    images = torch.randn(2, 3, 64, 64)
+    feats = backbone(images)
+    cells = backbone.model.forward_features(images).flatten(2).transpose(1, 2)
+    norm = backbone.model.head.norm
+    expected = nn.functional.layer_norm(cells, (cells.shape[-1],), norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(feats.dense, expected)
+    torch.testing.assert_close(feats.global_, expected.mean(1))
+    timm_pooled = Backbone("convnext_atto").eval()
+    timm_pooled.load_state_dict(backbone.state_dict())
+    assert not torch.allclose(timm_pooled(images).global_, feats.global_, atol=1e-3)
+
+
+def test_layer_scale_can_be_removed():
+    backbone = Backbone("convnext_atto", layer_scale=False)
+    assert not any(name.endswith("gamma") for name in backbone.state_dict())
+    assert backbone(torch.randn(1, 3, 32, 32)).global_.shape == (1, 320)
+    with pytest.raises(ValueError, match="no layer-scale"):
+        Backbone("resnet18", layer_scale=False)
+
+
+def test_is_vit_name():
+    assert is_vit_name("vit_small_patch16_224") and not is_vit_name("resnet50")
+
+
+def test_disable_stochastic_layers():
+    backbone = Backbone("vit_tiny_patch16_224", drop_path_rate=0.5, **TINY_VIT).train()
+    disable_stochastic_layers(backbone)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(backbone(x).global_, backbone(x).global_)
+
+
+def test_timm_state_dict_loads_into_timm_strictly():
+    backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **backbone.model_kwargs)
+    model.load_state_dict(backbone.timm_state_dict(), strict=True)

@@ -1,0 +1,132 @@
+import json
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import quiet_trainer_kwargs
+from ssl_modules.base import clip_per_parameter_
+from ssl_modules.schedules import cosine
+from toy_method import ToyDistill, toy_loader
+
+
+class Recorder(Callback):
+    """Records, after every training batch, one student and one teacher tensor and the schedules."""
+
+    def __init__(self):
+        self.student, self.teacher, self.lr, self.wd, self.steps = [], [], [], [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.student.append(module.backbone.model.cls_token.detach().clone())
+        self.teacher.append(module.teacher["backbone"].model.cls_token.detach().clone())
+        group = trainer.optimizers[0].param_groups[0]
+        self.lr.append(group["lr"])
+        self.wd.append(group["weight_decay"])
+        self.steps.append(trainer.global_step)
+
+
+def fit(module, recorder=None, loader=None, **trainer_kwargs):
+    trainer = pl.Trainer(**quiet_trainer_kwargs(**trainer_kwargs), callbacks=[recorder] if recorder else [])
+    trainer.fit(module, loader or toy_loader())
+    return trainer
+
+
+def test_hyperparameters_of_subclass_and_base_are_saved():
+    module = ToyDistill(head_dim=8, lr=1e-3)
+    assert module.hparams.head_dim == 8 and module.hparams.lr == 1e-3
+    assert module.hparams.backbone == "vit_tiny_patch16_224"
+
+
+def test_teacher_follows_the_closed_form_ema():
+    torch.manual_seed(0)
+    module = ToyDistill(ema_momentum=0.8)
+    start = module.teacher["backbone"].model.cls_token.detach().clone()
+    rec = Recorder()
+    fit(module, rec, max_epochs=2)
+    total = module.total_steps
+    assert total == 8 and rec.steps == list(range(1, 9))
+    teacher = start
+    for step, student in enumerate(rec.student):
+        m = cosine(step, total, 0.8, 1.0)
+        teacher = m * teacher + (1 - m) * student
+        torch.testing.assert_close(rec.teacher[step], teacher)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_teacher_updates_once_per_optimizer_step_under_gradient_accumulation():
+    module = ToyDistill(warmup_epochs=0.0)  # a zero learning rate at step 0 would leave the student in place
+    rec = Recorder()
+    fit(module, rec, max_epochs=1, accumulate_grad_batches=2)
+    changed = [not torch.equal(a, b) for a, b in zip(rec.teacher[:-1], rec.teacher[1:])]
+    assert rec.steps == [0, 1, 1, 2]
+    assert changed == [True, False, True]
+
+
+def test_learning_rate_and_weight_decay_follow_the_schedule():
+    module = ToyDistill(lr=0.256, warmup_epochs=1.0, min_lr=0.0, weight_decay=0.04, weight_decay_end=0.4)
+    rec = Recorder()
+    fit(module, rec, max_epochs=3)
+    # batch 4 -> peak = 0.256 * 4 / 256 = 0.004; 4 warm-up steps over 12
+    assert rec.lr[:4] == pytest.approx([0.0, 0.001, 0.002, 0.003])
+    assert rec.lr[4] == pytest.approx(0.004)
+    assert rec.lr[8] == pytest.approx(0.004 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 8)).item()))
+    assert rec.wd[0] == pytest.approx(0.04) and rec.wd[6] == pytest.approx(0.22)
+
+
+def test_resumed_run_continues_the_schedules_and_weights_exactly(tmp_path):
+    def run(max_epochs, ckpt_path=None, seed=0):
+        torch.manual_seed(seed)
+        module = ToyDistill(weight_decay_end=0.4)
+        rec = Recorder()
+        trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=max_epochs, enable_checkpointing=True,
+                                                    default_root_dir=tmp_path), callbacks=[rec])
+        trainer.fit(module, toy_loader(), ckpt_path=ckpt_path)
+        return module, rec, trainer
+
+    full, full_rec, _ = run(4)
+    half, _, half_trainer = run(2)
+    half_trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, resumed_rec, _ = run(4, ckpt_path=tmp_path / "half.ckpt", seed=123)
+    assert resumed_rec.lr == pytest.approx(full_rec.lr[8:])
+    assert resumed_rec.wd == pytest.approx(full_rec.wd[8:])
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_embed_uses_the_teacher_in_eval_mode_without_gradients():
+    module = ToyDistill().train()
+    with torch.no_grad():
+        module.teacher["backbone"].model.cls_token.add_(1.0)
+    images = torch.randn(2, 3, 32, 32)
+    feats = module.embed(images)
+    assert not feats.global_.requires_grad
+    assert module.teacher["backbone"].training
+    expected = module.teacher["backbone"].eval()(images).global_
+    torch.testing.assert_close(feats.global_, expected)
+    assert not torch.allclose(feats.global_, module.backbone.eval()(images).global_)
+
+
+def test_exported_backbone_loads_into_timm_strictly(tmp_path):
+    module = ToyDistill()
+    path = module.export_backbone(tmp_path / "backbone.pt")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = timm.create_model(meta["name"], **meta["model_kwargs"])
+    model.load_state_dict(torch.load(path), strict=True)
+    torch.testing.assert_close(model.cls_token, module.teacher["backbone"].model.cls_token)
+
+
+def test_per_parameter_clipping_rescales_only_large_gradients():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0])
+    clip_per_parameter_([a, b], 1.0)
+    torch.testing.assert_close(a.grad.norm(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.grad, torch.tensor([0.1, 0.0]))
+
+
+def test_bad_hyperparameters_are_rejected():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ToyDistill(optimizer="adam")
+    with pytest.raises(ValueError, match="EMA momentum"):
+        ToyDistill(ema_momentum=1.5)
