@@ -189,6 +189,17 @@ class SSLModule(pl.LightningModule):
         if f"{prefix}loss" in values:
             self.log("loss", values[f"{prefix}loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
+    # ---------------------------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def visual_diagnostics(self, batch: Any) -> dict[str, Tensor]:
+        """Pictures of what the method does on ``batch``: name -> float image ``(3, H, W)`` in [0, 1].
+
+        The ``VisualDiagnostics`` callback logs them to TensorBoard every N steps. Methods override this
+        (CrIBo's object clusters, VICRegL's matched cells, BAM's attention and Sinkhorn targets); the base
+        shows nothing.
+        """
+        return {}
+
     # --------------------------------------------------------------------------------------- export
     def export_backbone(self, path: str | Path) -> Path:
         """Write the (teacher's, where there is one) backbone weights for timm.
