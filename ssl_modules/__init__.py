@@ -1,5 +1,39 @@
-"""PyTorch Lightning modules for self-supervised learning of dense and object-level visual features."""
-from .backbones import Backbone, Features
-from .base import SSLModule
+"""PyTorch Lightning modules for self-supervised learning of dense and object-level visual features.
 
-__all__ = ["SSLModule", "Backbone", "Features"]
+The public names are loaded on first use, so that ``import ssl_modules.functional`` (pure torch) does not
+pull in Lightning.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "SSLModule": "ssl_modules.base",
+    "Backbone": "ssl_modules.backbones",
+    "Features": "ssl_modules.backbones",
+    "VICRegL": "ssl_modules.vicregl",
+    "BAM": "ssl_modules.bam",
+    "CrIBo": "ssl_modules.cribo",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .backbones import Backbone, Features
+    from .bam import BAM
+    from .base import SSLModule
+    from .cribo import CrIBo
+    from .vicregl import VICRegL
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ssl_modules' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

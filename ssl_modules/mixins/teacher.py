@@ -16,7 +16,8 @@ __all__ = ["TeacherEMA"]
 class TeacherEMA:
     """Mixin for an :class:`~ssl_modules.SSLModule` with an exponential-moving-average teacher.
 
-    Call :meth:`init_teacher` in ``__init__`` with the names of the student modules to copy. The teacher
+    Call :meth:`init_teacher` in ``__init__`` with the names of the student modules to copy (a method
+    whose teacher is optional simply does not call it: ``has_teacher`` is then False). The teacher
     (``self.teacher``, a ``ModuleDict`` of the copies) never receives gradients, has its stochastic depth
     and dropout turned off (the papers build the teacher without them), is saved in the checkpoint with
     the rest of the module, and is updated right after every optimizer step — so micro-batches of a
@@ -64,7 +65,12 @@ class TeacherEMA:
         if teacher:
             torch._foreach_lerp_(teacher, [s.to(t.dtype) for t, s in zip(teacher, student)], 1.0 - momentum)
 
+    @property
+    def has_teacher(self) -> bool:
+        return bool(getattr(self, "_teacher_names", None))
+
     def optimizer_step(self, *args, **kwargs) -> None:
         step = self.trainer.global_step
         super().optimizer_step(*args, **kwargs)
-        self.update_teacher(self.teacher_momentum(step))
+        if self.has_teacher:
+            self.update_teacher(self.teacher_momentum(step))
