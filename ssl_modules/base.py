@@ -1,6 +1,7 @@
 """``SSLModule``: what every method shares — backbone, optimizer, closed-form schedules, ``embed`` for probes."""
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -199,6 +200,24 @@ class SSLModule(pl.LightningModule):
         shows nothing.
         """
         return {}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssl_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    @staticmethod
+    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> "SSLModule":
+        """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}: pass the path of a .ckpt written by a Trainer")
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        class_path = checkpoint.get("ssl_module_class")
+        if class_path is None:
+            raise ValueError(f"{path} was not written by an SSLModule (no 'ssl_module_class' entry)")
+        module_name, _, class_name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls.load_from_checkpoint(path, map_location=map_location)
 
     # --------------------------------------------------------------------------------------- export
     def export_backbone(self, path: str | Path) -> Path:

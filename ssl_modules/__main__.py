@@ -1,0 +1,3 @@
+from ssl_modules.cli import main
+
+main()
