@@ -6,6 +6,7 @@ difference is an explicit option here (``global_pool="cell_norm_mean"``, ``layer
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Literal, NamedTuple
 
 import timm
@@ -154,6 +155,28 @@ class Backbone(nn.Module):
             return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
         dense = maps.flatten(2).transpose(1, 2)
         return Features(self.model.forward_head(maps, pre_logits=True), dense, tuple(maps.shape[-2:]))
+
+    def load_official_weights(self, state_dict: dict[str, Tensor], prefixes: tuple[str, ...] = ()) -> None:
+        """Load weights saved by a method's official code (their key layout, not timm's).
+
+        Leading ``prefixes`` (e.g. ``"module."``, ``"backbone."``, ``"teacher."``) are removed, timm's own
+        converter of the model family maps the official names (ConvNeXt: ``downsample_layers`` ->
+        ``stem``/``stages``, final ``norm`` -> ``head.norm``; ResNets and ViTs need none), and the load is
+        strict except for classifier weights, which self-supervised backbones do not have.
+        """
+        cleaned = {}
+        for key, value in state_dict.items():
+            for prefix in prefixes:
+                key = key.removeprefix(prefix)
+            cleaned[key] = value
+        converter = getattr(importlib.import_module(type(self.model).__module__), "checkpoint_filter_fn", None)
+        if converter is not None and not self.is_vit:
+            cleaned = converter(cleaned, self.model)
+        classifier = ("fc.", "head.fc.", "head.weight", "head.bias")
+        cleaned = {k: v for k, v in cleaned.items() if not k.startswith(classifier)}
+        missing, unexpected = self.model.load_state_dict(cleaned, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"official weights do not fit {self.name}: missing {missing}, unexpected {unexpected}")
 
     def timm_state_dict(self) -> dict[str, Tensor]:
         """The weights as ``timm.create_model(name, num_classes=0, **model_kwargs)`` names them."""
