@@ -46,6 +46,30 @@ def disable_stochastic_layers(module: nn.Module) -> None:
             layer.p = 0.0
 
 
+def sincos_2d_position_embedding(height: int, width: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """MoCo v3's fixed 2-D sin-cos table ``(height * width, dim)``: sin/cos of x, then sin/cos of y."""
+    if dim % 4:
+        raise ValueError(f"the embedding width must be a multiple of 4 for a 2-D sin-cos table, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                          indexing="ij")
+    out_x, out_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1).float()
+
+
+def _make_mocov3_vit(model: nn.Module) -> None:
+    """MoCo v3's two ViT tricks: a fixed sin-cos position embedding and a frozen random patch projection."""
+    grid = model.patch_embed.grid_size
+    table = sincos_2d_position_embedding(grid[0], grid[1], model.embed_dim)
+    with torch.no_grad():
+        prefix = model.pos_embed.shape[1] - table.shape[0]  # CLS slot(s) in the table get zeros
+        model.pos_embed.zero_()
+        model.pos_embed[0, prefix:] = table
+    model.pos_embed.requires_grad_(False)
+    model.patch_embed.proj.requires_grad_(False)
+
+
 def _strip_layer_scale(model: nn.Module) -> int:
     """Remove ConvNeXt's layer scale (``gamma``) from every block; returns how many were removed.
 
@@ -72,6 +96,8 @@ class Backbone(nn.Module):
             normalised cells, and the dense cells are the normalised ones (VICRegL's ConvNeXt features;
             timm pools first and normalises after, which gives different vectors).
         layer_scale: ``False`` removes ConvNeXt's layer scale (VICRegL's ConvNeXt has none).
+        mocov3_vit: ViT only: MoCo v3's fixed 2-D sin-cos position embedding, frozen patch projection and
+            initialisation (``weight_init="moco"``), as BAM's official ViTs.
         **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``,
             ``drop_path_rate``, ...). ViTs get ``dynamic_img_size=True`` unless told otherwise, so that one
             model takes crops of several sizes.
@@ -83,6 +109,7 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         global_pool: Literal["default", "cell_norm_mean"] = "default",
         layer_scale: bool = True,
+        mocov3_vit: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -92,8 +119,14 @@ class Backbone(nn.Module):
         self.is_vit = is_vit_name(name)
         if self.is_vit:
             model_kwargs.setdefault("dynamic_img_size", True)
+        if mocov3_vit and not self.is_vit:
+            raise ValueError(f"mocov3_vit=True needs a ViT, {name} is not one")
+        if mocov3_vit:
+            model_kwargs.setdefault("weight_init", "moco")
         self.model_kwargs = dict(model_kwargs)
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+        if mocov3_vit:
+            _make_mocov3_vit(self.model)
         self.global_pool = global_pool
         if global_pool == "cell_norm_mean" and not isinstance(getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
             raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")

@@ -1,9 +1,10 @@
 """``SSLModule``: what every method shares — backbone, optimizer, closed-form schedules, ``embed`` for probes."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,6 +192,18 @@ class SSLModule(pl.LightningModule):
             self.log("loss", values[f"{prefix}loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     # ---------------------------------------------------------------------------------- diagnostics
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block (no BatchNorm statistics updated, no stochastic depth), then restore
+        every submodule's own mode."""
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            yield
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
     @torch.no_grad()
     def visual_diagnostics(self, batch: Any) -> dict[str, Tensor]:
         """Pictures of what the method does on ``batch``: name -> float image ``(3, H, W)`` in [0, 1].

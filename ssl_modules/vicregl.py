@@ -165,13 +165,9 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
 
         if self.projector is None:
             return {}
-        was_training = self.training
-        self.eval()
-        try:
-            crops = [c[:1] for c in views.crops[:2]]
+        crops = [c[:1] for c in views.crops[:2]]
+        with self.evaluating():
             feats = [self.forward(c) for c in crops]
-        finally:
-            self.train(was_training)
         sub = views._replace(crops=crops, boxes=views.boxes[:1, :2], flipped=views.flipped[:1, :2],
                              image_size=views.image_size[:1])
         locations = self.all_cell_locations(sub, [f.grid for f in feats], self.hparams.flip_aware_locations)

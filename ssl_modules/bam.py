@@ -1,0 +1,175 @@
+"""BAM (Shalam and Korman, ECCV 2024): balanced self-attention matching.
+
+Per step: encode the crops (one backbone call per resolution) -> project all crops in one call -> [EMA
+teacher on all crops] -> similarity of every crop to the target crops of the whole global batch ->
+balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each global crop's target row
+and the attention rows of the other crops of the same image. Follows the official code
+(``shared/spec/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .backbones import Backbone, is_vit_name
+from .base import SSLModule, upcast
+from .functional import bam_loss
+from .heads import MLP
+from .mixins import MultiCrop, TeacherEMA
+
+__all__ = ["BAM"]
+
+
+def _row_entropy(p: Tensor) -> Tensor:
+    """Mean entropy (nats) of the rows of a row-stochastic matrix."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1).mean()
+
+
+class BAM(TeacherEMA, MultiCrop, SSLModule):
+    """BAM as a LightningModule. Defaults are the published ViT-S/16 recipe.
+
+    Args:
+        backbone: timm model name (``vit_small_patch16_224``, ``vit_base_patch16_224``, ``resnet50``, ...).
+        num_global_crops: G, the global crops (the first G views); they give the targets.
+        num_target_crops: T, the crops that are columns of the similarity (None: G).
+        projector_widths: projector layer widths (``"4096-4096-4096"``).
+        projector_norm: ``"none"`` (published with teacher) or ``"batch"`` after the hidden layers.
+        projector_last_bn: a non-affine BatchNorm on the projector output (the no-teacher default).
+        projector_activation: ``"gelu"`` (ViTs) or ``"relu"`` (ResNet-50).
+        teacher: use an EMA teacher for the targets (published: yes).
+        ema_momentum: teacher momentum at the start (cosine to 1).
+        softmax_temperature: temperature of the source attention (0.1).
+        sinkhorn_temperature: entropic regularisation of the balanced targets (0.05).
+        sinkhorn_temperature_final: if set, the Sinkhorn temperature moves linearly to this value over the
+            first ``sinkhorn_warmup_epochs`` epochs (official ``--reg_final``).
+        sinkhorn_warmup_epochs: length of that ramp (30 in the official code).
+        num_sinkhorn_iters: Sinkhorn iterations (3).
+        positive_masking: drop the entries comparing two crops of one image.
+        top_k: keep the k target columns of largest mass per image (128 published; 0 disables).
+        mocov3_vit: MoCo v3 ViT (fixed sin-cos position embedding, frozen patch projection, MoCo init).
+        **kwargs: :class:`~ssl_modules.SSLModule` arguments. Defaults: AdamW, base lr 3e-4 per 256 images,
+            absolute final lr 1e-3, 40 warm-up epochs, weight decay cosine 0.04 -> 0.4, gradient clipping
+            0.3 (global norm). For ResNet-50: ``optimizer="lars"``, ``projector_activation="relu"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        num_global_crops: int = 2,
+        num_target_crops: int | None = None,
+        projector_widths: str = "4096-4096-4096",
+        projector_norm: Literal["none", "batch"] = "none",
+        projector_last_bn: bool = False,
+        projector_activation: Literal["gelu", "relu"] = "gelu",
+        teacher: bool = True,
+        ema_momentum: float = 0.995,
+        softmax_temperature: float = 0.1,
+        sinkhorn_temperature: float = 0.05,
+        sinkhorn_temperature_final: float | None = None,
+        sinkhorn_warmup_epochs: int = 30,
+        num_sinkhorn_iters: int = 3,
+        positive_masking: bool = True,
+        top_k: int = 128,
+        mocov3_vit: bool = True,
+        lr: float = 3e-4,
+        min_lr: float = 1e-3,
+        warmup_epochs: float = 40.0,
+        weight_decay: float = 0.04,
+        weight_decay_end: float | None = 0.4,
+        clip_grad: float | None = 0.3,
+        **kwargs: Any,
+    ) -> None:
+        if num_global_crops < 1 or (num_target_crops is not None and num_target_crops < 1):
+            raise ValueError("num_global_crops and num_target_crops must be >= 1")
+        if softmax_temperature <= 0 or sinkhorn_temperature <= 0 or num_sinkhorn_iters < 0:
+            raise ValueError("temperatures must be > 0 and num_sinkhorn_iters >= 0")
+        for value in (sinkhorn_temperature, sinkhorn_temperature_final):
+            if value is not None and value >= softmax_temperature:
+                warnings.warn(
+                    f"BAM: a Sinkhorn temperature ({value}) at or above the softmax temperature "
+                    f"({softmax_temperature}) is the collapse regime the paper reports; keep it lower "
+                    "(published: 0.05 vs 0.1)", stacklevel=2,
+                )
+        super().__init__(backbone=backbone, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+                         weight_decay=weight_decay, weight_decay_end=weight_decay_end, clip_grad=clip_grad, **kwargs)
+        self.projector = MLP(
+            self.backbone.num_features, projector_widths, norm=projector_norm, activation=projector_activation,
+            last_norm="batch_nonaffine" if projector_last_bn else "none", init="trunc_normal",
+        )
+        if teacher:
+            self.init_teacher(["backbone", "projector"], ema_momentum)
+
+    def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
+        mocov3 = self.hparams.mocov3_vit and is_vit_name(name)
+        return Backbone(name, mocov3_vit=mocov3, **kwargs)
+
+    # ----------------------------------------------------------------------------------- schedules
+    def sinkhorn_temperature(self) -> float:
+        """The Sinkhorn temperature of the current epoch (linear ramp, then constant)."""
+        hp = self.hparams
+        if hp.sinkhorn_temperature_final is None or self._trainer is None:
+            return hp.sinkhorn_temperature
+        progress = min(self.current_epoch / max(hp.sinkhorn_warmup_epochs, 1), 1.0)
+        return hp.sinkhorn_temperature + (hp.sinkhorn_temperature_final - hp.sinkhorn_temperature) * progress
+
+    # ---------------------------------------------------------------------------------------- step
+    def project(self, backbone: Backbone, projector: MLP, crops: list[Tensor]) -> list[Tensor]:
+        """Encode the crops (one call per resolution) and project all of them in one call."""
+        feats = self.encode_views(lambda x: self.encode(backbone, x), crops)
+        return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops)))
+
+    def training_step(self, views, batch_idx: int) -> Tensor:
+        if views.num_views < 2:
+            raise ValueError(f"BAM needs at least 2 crops per image, got {views.num_views}")
+        student = self.project(self.backbone, self.projector, views.crops)
+        teacher = None
+        if self.has_teacher:
+            with torch.no_grad():
+                teacher = self.project(self.teacher["backbone"], self.teacher["projector"], views.crops)
+        out = self.criterion(student, teacher)
+        self.log_terms(
+            {"loss": out["loss"], "attention_entropy": _row_entropy(out["attention"]),
+             "target_entropy": _row_entropy(out["targets"]), "sinkhorn_temperature": self.sinkhorn_temperature()},
+            sync_dist=distributed.world_size() > 1,
+        )
+        return out["loss"]
+
+    def criterion(self, student: list[Tensor], teacher: list[Tensor] | None) -> dict[str, Tensor]:
+        """This process's share of the BAM loss, in float32: own rows, columns and Sinkhorn over all processes."""
+        hp = self.hparams
+        with torch.autocast(self.device.type, enabled=False):
+            return bam_loss(
+                [upcast(s) for s in student], None if teacher is None else [upcast(t) for t in teacher],
+                num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
+                softmax_temperature=hp.softmax_temperature, sinkhorn_temperature=self.sinkhorn_temperature(),
+                num_sinkhorn_iters=hp.num_sinkhorn_iters, positive_masking=hp.positive_masking, top_k=hp.top_k,
+                gather=distributed.all_gather_with_grad, all_reduce=distributed.all_reduce,
+                rank=distributed.rank(), world_size=distributed.world_size(),
+            )
+
+    # --------------------------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def visual_diagnostics(self, views, max_images: int = 16) -> dict[str, Tensor]:
+        """The source attention and the balanced targets of the first images (single-process view)."""
+        from .functional import bam_loss as full_batch_loss
+        from .visualize import heatmap
+
+        crops = [c[:max_images] for c in views.crops]
+        with self.evaluating():
+            student = self.project(self.backbone, self.projector, crops)
+            teacher = None
+            if self.has_teacher:
+                teacher = self.project(self.teacher["backbone"], self.teacher["projector"], crops)
+        hp = self.hparams
+        top_k = min(hp.top_k, (hp.num_target_crops or hp.num_global_crops) * crops[0].shape[0])
+        out = full_batch_loss([upcast(s) for s in student], None if teacher is None else [upcast(t) for t in teacher],
+                              num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
+                              softmax_temperature=hp.softmax_temperature,
+                              sinkhorn_temperature=self.sinkhorn_temperature(),
+                              num_sinkhorn_iters=hp.num_sinkhorn_iters, positive_masking=hp.positive_masking,
+                              top_k=top_k)
+        return {"bam/attention": heatmap(out["attention"]), "bam/targets": heatmap(out["targets"])}
