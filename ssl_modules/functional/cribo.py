@@ -2,11 +2,12 @@
 and the three losses (contract: ``shared/parity/cribo/README.md``, method: ``shared/spec/cribo.md``).
 
 All functions are pure (inputs are never changed in place), follow the inputs' dtype and device, and
-never synchronise with the host: no ``.item()``, no boolean indexing, no data-dependent shapes. The
-contract's functions take compacted objects (``objects[:, valid]``); for a shape-static training step
-every object function also accepts the padded ``(2, B, K, D)`` / ``(B * K,)`` layout with a validity
-mask (``query_valid``, ``bank_valid``, ``valid``, ``memory_bank_enqueue_padded``), which gives the same
-result on the valid rows.
+never synchronise with the host: no ``.item()``, no boolean indexing, no data-dependent shapes (the one
+value check, of ``init_indices``, runs on CPU tensors only), so ``torch.compile(fullgraph=True)`` traces
+them. The contract's functions take compacted objects (``objects[:, valid]``); for a shape-static
+training step every object function also accepts the padded ``(2, B, K, D)`` / ``(B * K,)`` layout with
+a validity mask (``query_valid``, ``bank_valid``, ``valid``, ``memory_bank_enqueue_padded``), which gives
+the same result on the valid rows.
 """
 from __future__ import annotations
 
@@ -156,10 +157,12 @@ def _positional_cost(member_dist: Tensor, labels: Tensor, num_clusters: int) -> 
     return nearest / nearest.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(nearest.dtype).tiny)
 
 
-def _min_max_normalise(cost: Tensor) -> Tensor:
-    """Min-max normalisation over the whole batch (official semantics: it couples the images)."""
-    low, high = cost.amin(), cost.amax()
-    return (cost - low) / (high - low).clamp_min(torch.finfo(cost.dtype).tiny)
+def _min_max_normalise(cost: Tensor, groups: int = 1) -> Tensor:
+    """Min-max normalisation over each of ``groups`` equal groups of consecutive images (official semantics:
+    over the whole batch of a process, which couples its images)."""
+    grouped = cost.reshape(groups, -1)
+    low, high = grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
+    return ((grouped - low) / (high - low).clamp_min(torch.finfo(cost.dtype).tiny)).reshape(cost.shape)
 
 
 def _sinkhorn(cost: Tensor, col_marginals: Tensor, sinkhorn_lambda: float, iterations: int) -> Tensor:
@@ -190,7 +193,7 @@ def _initial_labels(init_indices: Tensor, tokens: int, num_clusters: int) -> Ten
 def joint_space_clustering(
     dense: Sequence[Tensor], positions: Sequence[Tensor], init_indices: Tensor, pos_weight: float = 1.0,
     num_iterations: int = 5, sinkhorn_iterations: int = 5, sinkhorn_lambda: float = 20.0,
-    update_marginals: bool = True,
+    update_marginals: bool = True, *, groups: int = 1,
 ) -> dict[str, Tensor]:
     """Cluster the patch tokens of both views of every image jointly into K objects (README §1).
 
@@ -201,6 +204,9 @@ def joint_space_clustering(
         pos_weight: weight ``lambda_pos`` of the positional cost.
         num_iterations: clustering rounds. sinkhorn_iterations / sinkhorn_lambda: the transport.
         update_marginals: re-estimate the cluster marginals from the cluster sizes after every round.
+        groups: the cost's min-max normalisation runs over each of ``groups`` equal groups of consecutive
+            images instead of the whole batch (the official code normalises over each process's batch, so
+            one batch of W * B images in W groups reproduces W processes of B images).
 
     Returns:
         ``{"labels": (2, B, N) long}``: the cluster of every token of each view.
@@ -211,6 +217,8 @@ def joint_space_clustering(
     """
     _check_clustering_inputs(dense, positions, init_indices, num_iterations, sinkhorn_iterations)
     batch, tokens, _ = dense[0].shape
+    if groups < 1 or batch % groups:
+        raise ValueError(f"groups ({groups}) must be a positive divisor of the batch ({batch})")
     num_clusters = init_indices.shape[1]
     dtype = _work_dtype(dense[0].dtype, positions[0].dtype)
     init_indices = init_indices.long()
@@ -224,7 +232,7 @@ def joint_space_clustering(
             cost = -(z @ centroids.transpose(1, 2))
             if pos_weight != 0:
                 cost = cost + pos_weight * _positional_cost(member_dist, labels, num_clusters)
-            plan = _sinkhorn(_min_max_normalise(cost), col_marginals, sinkhorn_lambda, sinkhorn_iterations)
+            plan = _sinkhorn(_min_max_normalise(cost, groups), col_marginals, sinkhorn_lambda, sinkhorn_iterations)
             labels = plan.argmax(dim=-1)  # hard assignment (B, T)
             members = _one_hot(labels, num_clusters, dtype)  # (B, T, K)
             if update_marginals:
@@ -317,7 +325,7 @@ def _default_chunk_size(num_queries: int, num_rows: int) -> int:
 
 def cycle_consistent_neighbours(
     queries: Tensor, bank: Tensor, normalize_bank: bool = True, *, query_valid: Tensor | None = None,
-    bank_valid: Tensor | None = None, chunk_size: int | None = None,
+    bank_valid: Tensor | None = None, query_groups: Tensor | None = None, chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """Nearest bank neighbour of every teacher object and the cycle-consistency mask (README §3).
 
@@ -330,6 +338,8 @@ def cycle_consistent_neighbours(
             result of the contract on the compacted queries.
         bank_valid: optional ``(Q,)`` bool: rows that may be retrieved (e.g. ``arange(C) < counts.sum()`` on
             the full bank storage). With no valid row at all, every ``mask`` is False.
+        query_groups: optional ``(M,)`` long: the back search of the cycle test stays within the query's
+            group (the official code searches back among its own process's objects only).
         chunk_size: bank rows searched at a time (running max / argmax), so no ``M x Q`` matrix exists.
             ``None`` picks chunks of about ``2**25`` similarities (one chunk for small banks).
 
@@ -350,6 +360,8 @@ def cycle_consistent_neighbours(
         back = _keys(jumped, dtype, normalize_bank) @ q.flip(0).transpose(1, 2)  # (2, M, M)
         if query_valid is not None:
             back = back.masked_fill(~query_valid, -math.inf)
+        if query_groups is not None:
+            back = back.masked_fill(query_groups[:, None] != query_groups[None, :], -math.inf)
         own_row = torch.arange(num_queries, device=queries.device)
         mask = back.argmax(dim=-1) == own_row if num_queries else own_row.new_zeros((2, 0), dtype=torch.bool)
         if query_valid is not None:
@@ -455,10 +467,11 @@ def _masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
     return torch.where(valid, values, 0.0).sum() / valid.sum().clamp_min(1)
 
 
-def _check_object_pair(tensors: Sequence[Tensor], name: str, rows: int | None = None) -> tuple[int, int]:
+def _check_object_pair(tensors: Sequence[Tensor], name: str, like: tuple[int, ...] | None = None) -> tuple[int, int]:
     first, _ = _two_views(tensors, name, "(M, L) object-head logits", 2)
-    if rows is not None and first.shape[0] != rows:
-        raise ValueError(f"{name} must have M={rows} rows like the student objects, got {_shape(first)}")
+    if like is not None and _shape(first) != like:
+        raise ValueError(f"{name} must be shaped like the student objects {like} (row m = object m), "
+                         f"got {_shape(first)}")
     return first.shape[0], first.shape[1]
 
 
@@ -510,7 +523,7 @@ def cribo_object_loss(
     0 still attached to the student's graph (the official code would produce NaN and stop).
     """
     rows, width = _check_object_pair(student, "student")
-    _check_object_pair(teacher, "teacher", rows)
+    _check_object_pair(teacher, "teacher", (rows, width))
     _check_center(center, width, "center")
     _check_mask(valid, (rows,), "valid", "which object rows are real")
     dtype = _work_dtype(student[0].dtype)
@@ -539,7 +552,7 @@ def cribo_cross_image_loss(
     student's graph (zero gradient), whatever ``mask[1]`` holds. No branch on tensor values.
     """
     rows, width = _check_object_pair(student, "student")
-    _check_object_pair(neighbours, "neighbours", rows)
+    _check_object_pair(neighbours, "neighbours", (rows, width))
     _check_center(center, width, "center")
     _check_mask(mask, (2, rows), "mask", "the cycle-consistency mask")
     _check_mask(valid, (rows,), "valid", "which object rows are real")
