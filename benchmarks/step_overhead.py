@@ -45,7 +45,7 @@ def register_presets() -> None:
     else:
         PRESETS["vicregl"] = {
             "tiny": lambda: (VICRegL("convnext_atto", num_matches=(4, 2), expander_widths="256-256-256",
-                                     projector_widths="128-128-128"), [64, 64, 32, 32], 16),
+                                     projector_widths="128-128-128"), [96, 96, 64, 64], 16),
             "paper": lambda: (VICRegL("resnet50", alpha=0.75), [224, 224], 64),
         }
     try:
@@ -64,7 +64,7 @@ def register_presets() -> None:
         pass
     else:
         PRESETS["cribo"] = {
-            "tiny": lambda: (CrIBo("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, out_dim=1024,
+            "tiny": lambda: (CrIBo("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64,
                                    object_out_dim=1024, num_clusters=4, queue_size=256), [32, 32], 16),
             "paper": lambda: (CrIBo("vit_small_patch16_224"), [224, 224], 64),
         }
