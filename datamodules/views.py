@@ -1,12 +1,26 @@
-"""Multi-crop views with the geometry of every crop (the training batch of every pretraining DataModule)."""
+"""Multi-crop views with the geometry of every crop (the training batch of every pretraining DataModule).
+
+``MultiCropViews`` turns one uint8 image into ``n_global`` large and ``n_local`` small crops, each with its
+box in the image and its flip flag (a ``ViewSample``); ``collate_views`` stacks samples into the ``Views``
+batch of ``shared/DESIGN.md``. Crops stay uint8 through the loader; ``Views.normalized()`` (called by the
+DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns them into normalised floats.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
 from torch import Tensor
+from torch.utils.data import default_collate
 
-__all__ = ["Views"]
+from . import colour
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode, normalize_uint8
+
+__all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views"]
 
 
 class Views(NamedTuple):
@@ -40,3 +54,293 @@ class Views(NamedTuple):
     def pixel_boxes(self) -> Tensor:
         """Boxes in seed-image pixels, ``(B, V, 4)``: ``boxes * (H, W, H, W)``."""
         return self.boxes * self.image_size.repeat(1, 2)[:, None, :]
+
+    def normalized(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Views:
+        """The same batch with uint8 crops turned into float32 ``(x / 255 - mean) / std``; float crops are kept."""
+        return self._replace(crops=[normalize_uint8(crop, mean, std) for crop in self.crops])
+
+
+class ViewSample(NamedTuple):
+    """The views of one image, as ``MultiCropViews`` returns them.
+
+    Attributes:
+        crops: V uint8 tensors ``(3, size_v, size_v)``, global crops first.
+        boxes: ``(V, 4)`` float, normalised ``(y0, x0, y1, x1)`` of each crop in the image.
+        flipped: ``(V,)`` bool.
+        image_size: ``(2,)`` float, the image's ``(height, width)`` in pixels.
+    """
+
+    crops: list[Tensor]
+    boxes: Tensor
+    flipped: Tensor
+    image_size: Tensor
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """The recipe of one view: its output size, its crop scale range and its own blur/solarisation odds."""
+
+    group: str
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+# The papers' recipes (spec/cribo.md §2, spec/bam.md §8, spec/vicregl.md §2). Per-view probabilities are
+# patterns cycled over the views of a group, so overriding n_local keeps each recipe's alternation.
+_COLOUR_CRIBO = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                     global_blur_p=(1.0, 0.1), global_solarize_p=(0.0, 0.2))
+PRESETS: dict[str, dict[str, Any]] = {
+    # CrIBo: DINO's asymmetric global pair, no local crops.
+    "cribo": dict(n_global=2, n_local=0, global_size=224, global_scale=(0.25, 1.0), **_COLOUR_CRIBO),
+    # BAM: DINO's pipeline; saturation jitter 0.4; local crops blurred with p 0.5, never solarised.
+    "bam": dict(n_global=2, n_local=6, global_size=224, local_size=96, global_scale=(0.25, 1.0),
+                local_scale=(0.05, 0.25), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                global_blur_p=(1.0, 0.1), global_solarize_p=(0.0, 0.2), local_blur_p=(0.5,),
+                local_solarize_p=(0.0,)),
+    # VICRegL ResNet-50: two 224 crops of scale (0.08, 1).
+    "vicregl_resnet": dict(n_global=2, n_local=0, global_size=224, global_scale=(0.08, 1.0), **_COLOUR_CRIBO),
+    # VICRegL ConvNeXt: 2 x 224 (0.4, 1) + 6 x 96 (0.08, 0.4); blur/solarisation alternate in each group.
+    "vicregl_convnext": dict(n_global=2, n_local=6, global_size=224, local_size=96, global_scale=(0.4, 1.0),
+                             local_scale=(0.08, 0.4), local_blur_p=(1.0, 0.1), local_solarize_p=(0.0, 0.2),
+                             **_COLOUR_CRIBO),
+}
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} is not a probability; use a value in [0, 1]")
+
+
+def _check_probabilities(name: str, values: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise ValueError(f"{name} is empty; give at least one probability (cycled over the group's views)")
+    for i, value in enumerate(values):
+        _check_probability(f"{name}[{i}]", value)
+    return values
+
+
+def _check_scale(name: str, scale: Sequence[float], example: str) -> tuple[float, float]:
+    if len(scale) != 2:
+        raise ValueError(f"{name}={tuple(scale)} must be a pair (min, max), e.g. {example}")
+    low, high = float(scale[0]), float(scale[1])
+    if not (0.0 < low <= 1.0 and 0.0 < high <= 1.0):
+        raise ValueError(f"{name}={(low, high)}: area fractions must lie in (0, 1]; e.g. {example}")
+    if low > high:
+        raise ValueError(f"{name}={(low, high)}: the minimum exceeds the maximum; swap them to {(high, low)}")
+    return low, high
+
+
+def _check_positive_pair(name: str, pair: Sequence[float], example: str) -> tuple[float, float]:
+    if len(pair) != 2:
+        raise ValueError(f"{name}={tuple(pair)} must be a pair (min, max), e.g. {example}")
+    low, high = float(pair[0]), float(pair[1])
+    if not 0.0 < low <= high:
+        raise ValueError(f"{name}={(low, high)} must satisfy 0 < min <= max, e.g. {example}")
+    return low, high
+
+
+class MultiCropViews:
+    """Multi-crop augmentation that records where every crop came from.
+
+    Each of the ``n_global`` large and ``n_local`` small crops is drawn independently by the RandomResizedCrop
+    algorithm (area fraction uniform in the group's scale range, log-uniform aspect ratio in ``ratio``, 10
+    tries then a centre-crop fallback), resized with ``interpolation`` (antialiased; images smaller than the
+    crop are upsampled), flipped horizontally with probability ``flip_p``, then coloured on its own: colour
+    jitter with ``jitter_p`` (the four factors in a random order), grayscale with ``grayscale_p``, Gaussian
+    blur (sigma uniform in ``blur_sigma`` pixels) and solarisation with the view's own probabilities.
+
+    Per-view probabilities are patterns cycled over the views of a group: ``global_blur_p=(1.0, 0.1)`` blurs
+    global view 0 always and global view 1 with p 0.1 (BYOL's asymmetric pair). Paper recipes:
+    ``MultiCropViews.preset("cribo" | "bam" | "vicregl_resnet" | "vicregl_convnext", **overrides)``.
+
+    Works on uint8 tensors and returns uint8 crops (normalise with ``Views.normalized``).
+
+    Args:
+        n_global: number of large crops (at least 1); they come first.
+        n_local: number of small crops.
+        global_size: side of the large crops in pixels.
+        local_size: side of the small crops in pixels.
+        global_scale: range of the area fraction of the image covered by a large crop, in (0, 1].
+        local_scale: the same for the small crops.
+        ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
+        interpolation: ``"bicubic"`` (all three papers), ``"bilinear"`` or ``"nearest"``.
+        flip_p: probability of a horizontal flip of each crop.
+        jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)``; hue at most 0.5.
+        jitter_p: probability of applying the colour jitter to a crop.
+        grayscale_p: probability of turning a crop gray.
+        global_blur_p: Gaussian-blur probabilities, cycled over the large crops.
+        local_blur_p: Gaussian-blur probabilities, cycled over the small crops.
+        global_solarize_p: solarisation probabilities, cycled over the large crops.
+        local_solarize_p: solarisation probabilities, cycled over the small crops.
+        blur_sigma: range of the blur's standard deviation in pixels (PIL's radius in the papers).
+        solarize_threshold: pixels at or above it (0-255) are inverted.
+    """
+
+    def __init__(
+        self,
+        n_global: int = 2,
+        n_local: int = 0,
+        global_size: int = 224,
+        local_size: int = 96,
+        global_scale: tuple[float, float] = (0.25, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.25),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+        flip_p: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        global_blur_p: Sequence[float] = (1.0, 0.1),
+        local_blur_p: Sequence[float] = (0.5,),
+        global_solarize_p: Sequence[float] = (0.0, 0.2),
+        local_solarize_p: Sequence[float] = (0.0,),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_threshold: int = 128,
+    ) -> None:
+        if n_global < 1:
+            raise ValueError(f"n_global={n_global}: at least one global crop is needed; set n_global >= 1")
+        if n_local < 0:
+            raise ValueError(f"n_local={n_local} is negative; use 0 for no local crops")
+        for name, size in (("global_size", global_size), ("local_size", local_size)):
+            if size < 1:
+                raise ValueError(f"{name}={size}: a crop needs at least 1 pixel; use e.g. 224 / 96 (32 / 16 on CPU)")
+        self.global_scale = _check_scale("global_scale", global_scale, "(0.25, 1.0)")
+        self.local_scale = _check_scale("local_scale", local_scale, "(0.05, 0.25)")
+        self.ratio = _check_positive_pair("ratio", ratio, "(3 / 4, 4 / 3)")
+        self.blur_sigma = _check_positive_pair("blur_sigma", blur_sigma, "(0.1, 2.0)")
+        self.interpolation = interpolation
+        self.mode = interpolation_mode(interpolation)
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p)):
+            _check_probability(name, p)
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ValueError(f"jitter={tuple(jitter)} must be 4 non-negative strengths (brightness, contrast, "
+                             "saturation, hue) with hue <= 0.5, e.g. (0.4, 0.4, 0.2, 0.1)")
+        if not 0 <= solarize_threshold <= 255:
+            raise ValueError(f"solarize_threshold={solarize_threshold} must be a pixel value in [0, 255]")
+        self.n_global, self.n_local = n_global, n_local
+        self.global_size, self.local_size = global_size, local_size
+        self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
+        self.jitter = tuple(float(j) for j in jitter)
+        self.solarize_threshold = solarize_threshold
+        self.global_blur_p = _check_probabilities("global_blur_p", global_blur_p)
+        self.local_blur_p = _check_probabilities("local_blur_p", local_blur_p)
+        self.global_solarize_p = _check_probabilities("global_solarize_p", global_solarize_p)
+        self.local_solarize_p = _check_probabilities("local_solarize_p", local_solarize_p)
+        self.specs = self._build_specs()
+        # torchvision's samplers: RandomResizedCrop's box algorithm and ColorJitter's factors and order.
+        self._croppers = {
+            group: T.RandomResizedCrop(size, scale=scale, ratio=self.ratio, interpolation=self.mode)
+            for group, size, scale in (("global", global_size, self.global_scale),
+                                       ("local", local_size, self.local_scale))
+        }
+        brightness, contrast, saturation, hue = self.jitter
+        self._jitter = T.ColorJitter(brightness, contrast, saturation, hue)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MultiCropViews:
+        """A paper's recipe (``"cribo"``, ``"bam"``, ``"vicregl_resnet"``, ``"vicregl_convnext"``) with overrides.
+
+        Example: ``MultiCropViews.preset("bam", global_size=32, local_size=16)`` for a CPU run.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown views preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _build_specs(self) -> list[CropSpec]:
+        specs = []
+        for group, count, size, scale, blur, solarize in (
+            ("global", self.n_global, self.global_size, self.global_scale, self.global_blur_p,
+             self.global_solarize_p),
+            ("local", self.n_local, self.local_size, self.local_scale, self.local_blur_p, self.local_solarize_p),
+        ):
+            for i in range(count):
+                specs.append(CropSpec(group, size, scale, blur[i % len(blur)], solarize[i % len(solarize)]))
+        return specs
+
+    @property
+    def num_views(self) -> int:
+        return len(self.specs)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Output side of every view, global views first."""
+        return [spec.size for spec in self.specs]
+
+    def __call__(self, image: Tensor) -> ViewSample:
+        """uint8 image ``(3, H, W)`` -> its views with boxes, flip flags and the image size."""
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise TypeError(f"MultiCropViews expects a uint8 RGB image (3, H, W); got {image.dtype} "
+                            f"{tuple(image.shape)} (datamodules.reading.read_image gives one)")
+        crops, boxes, flips = [], [], []
+        for spec in self.specs:
+            crop, box, flipped = self.crop(image, spec)
+            crops.append(self.colour(crop, spec))
+            boxes.append(box)
+            flips.append(flipped)
+        height, width = image.shape[-2:]
+        return ViewSample(crops, torch.stack(boxes), torch.tensor(flips), torch.tensor([float(height), float(width)]))
+
+    def crop(self, image: Tensor, spec: CropSpec) -> tuple[Tensor, Tensor, bool]:
+        """RandomResizedCrop + flip of one view: the crop, its normalised box ``(y0, x0, y1, x1)``, the flag."""
+        params = self._croppers[spec.group].make_params([image])
+        top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+        crop = F.resized_crop(image, top, left, h, w, [spec.size, spec.size], interpolation=self.mode,
+                              antialias=True)
+        flipped = bool(torch.rand(()) < self.flip_p)
+        if flipped:
+            crop = F.horizontal_flip(crop)
+        height, width = image.shape[-2:]
+        box = torch.tensor([top / height, left / width, (top + h) / height, (left + w) / width])
+        return crop, box, flipped
+
+    def colour(self, crop: Tensor, spec: CropSpec) -> Tensor:
+        """The photometric part of one view on a uint8 crop; float in between, one rounding at the end."""
+        do_jitter = bool(torch.rand(()) < self.jitter_p)
+        do_gray = bool(torch.rand(()) < self.grayscale_p)
+        do_blur = bool(torch.rand(()) < spec.blur_p)
+        do_solarize = bool(torch.rand(()) < spec.solarize_p)
+        if not (do_jitter or do_gray or do_blur or do_solarize):
+            return crop
+        x = crop.float().div_(255.0)
+        if do_jitter:
+            x = colour.color_jitter(x, self._jitter.make_params([]))
+        if do_gray:
+            x = F.rgb_to_grayscale(x, num_output_channels=3)
+        if do_blur:
+            x = colour.gaussian_blur(x, float(torch.empty(()).uniform_(*self.blur_sigma)))
+        if do_solarize:
+            x = colour.solarize(x, self.solarize_threshold / 255.0)
+        return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)  # not in place: grayscale's output is expanded
+
+    def __repr__(self) -> str:
+        groups = f"{self.n_global} x {self.global_size} {self.global_scale}"
+        if self.n_local:
+            groups += f" + {self.n_local} x {self.local_size} {self.local_scale}"
+        return f"{type(self).__name__}({groups}, {self.interpolation})"
+
+
+def collate_views(batch: Sequence[tuple[ViewSample, int, int]], normalize: bool = False) -> Views:
+    """Stack ``(ViewSample, label, index)`` items into a ``Views`` batch.
+
+    With ``normalize`` the crops are turned into normalised floats here (in the loader worker) instead of on
+    the device; uint8 crops are 4x smaller to send between processes and to the device.
+    """
+    samples, labels, indices = zip(*batch)
+    num_views = len(samples[0].crops)
+    if any(len(sample.crops) != num_views for sample in samples):
+        raise ValueError("every sample of a batch needs the same number of views")
+    prepare = normalize_uint8 if normalize else (lambda crop: crop)
+    # default_collate stacks into shared memory inside a worker, sparing a copy on the way to the main process.
+    crops = [default_collate([prepare(sample.crops[v]) for sample in samples]) for v in range(num_views)]
+    return Views(
+        crops=crops,
+        boxes=default_collate([sample.boxes for sample in samples]),
+        flipped=default_collate([sample.flipped for sample in samples]),
+        image_size=default_collate([sample.image_size for sample in samples]),
+        label=torch.tensor(labels, dtype=torch.long),
+        index=torch.tensor(indices, dtype=torch.long),
+    )
+

@@ -1,0 +1,170 @@
+"""Map-style data sets over image files that survive unreadable files.
+
+A file that cannot be decoded is skipped with a ``CorruptImageWarning`` naming it (once per file and
+process), the next readable file takes its place, and ``skipped`` counts the skips across the loader's
+worker processes (the counter lives in shared memory). An epoch never stops on a bad file. Only decoding
+is guarded: an error of a transform is a bug and propagates.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
+from .views import ViewSample
+
+__all__ = ["ImageFiles", "MultiCropImages", "SegmentationPairs", "UnknownMaskValueError"]
+
+# Decoders raise all of these on truncated or foreign files.
+_READ_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
+
+
+class UnknownMaskValueError(MaskFormatError):
+    """A mask holds a value that is neither a class index nor the ignore index."""
+
+
+class _SkippingReader(Dataset):
+    """Decodes item ``index`` with ``_decode``; an unreadable item is replaced by the next readable one."""
+
+    max_consecutive_skips = 100
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        if not files:
+            raise ValueError("a data set needs at least one file")
+        self.files = [Path(f) for f in files]
+        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._warned: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def skipped(self) -> int:
+        """How many reads failed so far, summed over all processes that read this data set."""
+        return int(self._skipped.item())
+
+    def _decode(self, index: int) -> Any:
+        """The decoded file(s) of item ``index``; raises on unreadable files."""
+        raise NotImplementedError
+
+    def _decode_skipping(self, index: int) -> tuple[Any, int]:
+        """``(_decode(i), i)`` for the first readable ``i`` from ``index`` on (wrapping around)."""
+        for step in range(min(self.max_consecutive_skips, len(self.files))):
+            current = (index + step) % len(self.files)
+            try:
+                return self._decode(current), current
+            except MaskFormatError:  # readable but wrong data: skipping would hide it
+                raise
+            except _READ_ERRORS as error:
+                self._skip(current, error)
+        tried = min(self.max_consecutive_skips, len(self.files))
+        raise RuntimeError(f"{tried} files in a row from {self.files[index]} could not be read; is the data set "
+                           "corrupt? (warnings name each file)")
+
+    def _skip(self, index: int, error: BaseException) -> None:
+        self._skipped += 1
+        path = self.files[index]
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(f"skipping unreadable image {path}: {error}", CorruptImageWarning, stacklevel=3)
+
+
+class ImageFiles(_SkippingReader):
+    """Images from files with optional labels: item ``i`` is ``(transform(image), label)``, label -1 if none.
+
+    Args:
+        files: image paths.
+        labels: one class index per file, or ``None``.
+        transform: applied to the RGB uint8 ``(3, H, W)`` image; identity when ``None``.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int] | None = None,
+                 transform: Callable[[Tensor], Any] | None = None) -> None:
+        super().__init__(files)
+        if labels is not None and len(labels) != len(self.files):
+            raise ValueError(f"{len(labels)} labels for {len(self.files)} files")
+        self.labels = list(labels) if labels is not None else None
+        self.transform = transform
+
+    def label(self, index: int) -> int:
+        return self.labels[index] if self.labels is not None else -1
+
+    def _decode(self, index: int) -> Tensor:
+        return read_image(self.files[index])
+
+    def _item(self, index: int) -> tuple[Any, int]:
+        """The transformed image of the first readable file from ``index`` on, and that file's index."""
+        image, used = self._decode_skipping(index)
+        return (self.transform(image) if self.transform is not None else image), used
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item, used = self._item(index)
+        return item, self.label(used)
+
+
+class MultiCropImages(ImageFiles):
+    """Training items ``(ViewSample, label, index)`` for ``collate_views``; ``transform`` is a ``MultiCropViews``."""
+
+    def __getitem__(self, index: int) -> tuple[ViewSample, int, int]:
+        item, used = self._item(index)
+        return item, self.label(used), used
+
+
+class SegmentationPairs(_SkippingReader):
+    """Image-mask pairs: item ``i`` is ``transform(image, mask)``.
+
+    Mask values must be class indices in ``[0, num_classes)`` or ``ignore_index``; anything else raises
+    ``UnknownMaskValueError`` naming the file, or with ``unknown_values="ignore"`` is mapped to
+    ``ignore_index`` with a warning.
+
+    Args:
+        images: image paths.
+        masks: mask paths, one per image (palette or grayscale PNGs of class indices).
+        transform: joint transform of a uint8 image ``(3, H, W)`` and a uint8 mask ``(H, W)``.
+        num_classes: number of classes, background included.
+        ignore_index: the "don't care" value.
+        unknown_values: ``"error"`` or ``"ignore"``.
+    """
+
+    def __init__(self, images: Sequence[Path], masks: Sequence[Path],
+                 transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], num_classes: int,
+                 ignore_index: int = 255, unknown_values: str = "error") -> None:
+        super().__init__(images)
+        if len(masks) != len(self.files):
+            raise ValueError(f"{len(masks)} masks for {len(self.files)} images")
+        if unknown_values not in ("error", "ignore"):
+            raise ValueError(f"unknown_values={unknown_values!r}; use 'error' or 'ignore'")
+        self.masks = [Path(m) for m in masks]
+        self.transform = transform
+        self.num_classes, self.ignore_index, self.unknown_values = num_classes, ignore_index, unknown_values
+
+    def _decode(self, index: int) -> tuple[Tensor, Tensor]:
+        image = read_image(self.files[index])
+        mask = self._checked(read_mask(self.masks[index]), self.masks[index])
+        if image.shape[-2:] != mask.shape:
+            raise MaskFormatError(f"{self.masks[index]} is {tuple(mask.shape)} but its image {self.files[index]} is "
+                                  f"{tuple(image.shape[-2:])}")
+        return image, mask
+
+    def _checked(self, mask: Tensor, path: Path) -> Tensor:
+        unknown = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if not unknown.any():
+            return mask
+        values = sorted(set(mask[unknown].tolist()))
+        message = (f"{path} holds mask values {values[:10]} outside the classes 0..{self.num_classes - 1} and "
+                   f"the ignore value {self.ignore_index}")
+        if self.unknown_values == "error":
+            raise UnknownMaskValueError(message + "; fix the mask or pass unknown_mask_values='ignore' to map "
+                                        f"them to {self.ignore_index}")
+        warnings.warn(message + f"; mapped to {self.ignore_index}", stacklevel=2)
+        return mask.masked_fill(unknown, self.ignore_index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        (image, mask), _ = self._decode_skipping(index)
+        return self.transform(image, mask)

@@ -1,0 +1,129 @@
+"""Deterministic transforms of the probes: resize the shorter side, centre crop, normalise."""
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "EvalTransform",
+    "SegmentationEvalTransform",
+    "normalize_uint8",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+# 0.229 for red: VICRegL's pretraining code has 0.228 (a typo, spec/vicregl.md §2); every other recipe uses 0.229.
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """The torchvision mode of an interpolation name, with an error listing the valid names."""
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise ValueError(f"interpolation={name!r} is unknown; use one of {sorted(INTERPOLATIONS)}") from None
+
+
+def normalize_uint8(
+    images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> Tensor:
+    """uint8 images ``(..., 3, H, W)`` in [0, 255] -> float32 ``(x / 255 - mean) / std``, in one pass each way.
+
+    Float inputs are taken as already normalised and returned unchanged.
+    """
+    if images.is_floating_point():
+        return images
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
+    return images.float().sub_(mean_t).div_(std_t)
+
+
+def _check_size(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name}={value} must be a positive number of pixels")
+
+
+class EvalTransform:
+    """Classification probe transform: resize the shorter side to ``resize_size``, centre crop ``size``, normalise.
+
+    Args:
+        size: side of the square output.
+        resize_size: shorter side after resizing; default ``round(size * 256 / 224)`` (the ImageNet habit).
+        interpolation: ``"bicubic"`` (default), ``"bilinear"`` or ``"nearest"``.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+
+    Call it on a uint8 ``(3, H, W)`` image; it returns float32 ``(3, size, size)``.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize_size: int | None = None,
+        interpolation: str = "bicubic",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        _check_size("size", size)
+        self.size = size
+        self.resize_size = resize_size if resize_size is not None else round(size * 256 / 224)
+        _check_size("resize_size", self.resize_size)
+        self.interpolation = interpolation_mode(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        image = F.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=True)
+        image = F.center_crop(image, [self.size, self.size])
+        return normalize_uint8(image, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, resize_size={self.resize_size})"
+
+
+class SegmentationEvalTransform:
+    """Image and mask together: resize the shorter side to ``size``, centre crop ``size x size``.
+
+    The image is resized with ``interpolation`` (antialiased) and normalised; the mask with nearest
+    neighbours, so it keeps its class indices (and 255 = ignore).
+
+    Args:
+        size: side of the square output.
+        interpolation: of the image; the mask is always nearest.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        interpolation: str = "bicubic",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        _check_size("size", size)
+        self.size = size
+        self.interpolation = interpolation_mode(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 image ``(3, H, W)`` and integer mask ``(H, W)`` -> float image ``(3, S, S)``, long mask ``(S, S)``."""
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} differ in size")
+        image = F.resize(image, [self.size], interpolation=self.interpolation, antialias=True)
+        mask = F.resize(mask[None], [self.size], interpolation=InterpolationMode.NEAREST_EXACT)
+        image = F.center_crop(image, [self.size, self.size])
+        mask = F.center_crop(mask, [self.size, self.size])[0]
+        return normalize_uint8(image, self.mean, self.std), mask.long()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
