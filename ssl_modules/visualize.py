@@ -18,6 +18,7 @@ __all__ = [
     "heatmap",
     "draw_matches",
     "tile",
+    "segmentation_comparison",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,3 +110,18 @@ def draw_matches(
 def tile(images: Sequence[Tensor], nrow: int = 8, padding: int = 2) -> Tensor:
     """Tile ``(3, H, W)`` pictures of one size into one picture."""
     return make_grid(torch.stack([img.cpu().float() for img in images]), nrow=nrow, padding=padding, pad_value=1.0)
+
+
+def _resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
+    """A label map ``(h, w)`` resized to ``size`` by nearest neighbour (labels are never blended)."""
+    return F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+
+
+def segmentation_comparison(image: Tensor, target: Tensor, prediction: Tensor, num_labels: int,
+                            normalized: bool = True, ignore_index: int = 255) -> Tensor:
+    """One row ``image | ground truth | prediction`` (label maps coloured with the fixed palette, ignored
+    pixels white, both resized to the image by nearest neighbour)."""
+    picture = denormalize(image) if normalized else image.float().clamp(0, 1)
+    size = picture.shape[-2:]
+    maps = [colorize_labels(_resize_labels(m.cpu(), size), num_labels, ignore_index) for m in (target, prediction)]
+    return tile([picture.cpu(), *maps], nrow=3)

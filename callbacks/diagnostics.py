@@ -1,0 +1,86 @@
+"""Pictures in TensorBoard: ``VisualDiagnostics`` (what the method does) and the probes' predicted masks."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from ssl_modules.visualize import segmentation_comparison, tile
+
+__all__ = ["VisualDiagnostics", "tensorboard_writer", "log_segmentation_examples"]
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None`` without one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def log_segmentation_examples(trainer: pl.Trainer, tag: str, images: Tensor, masks: Tensor, predictions: Tensor,
+                              num_classes: int, count: int = 4) -> None:
+    """One picture of ``count`` rows (image | ground truth | prediction) under ``tag``, if TensorBoard logs."""
+    writer = tensorboard_writer(trainer)
+    if writer is None or count < 1:
+        return
+    rows = [segmentation_comparison(images[i], masks[i], predictions[i], num_classes)
+            for i in range(min(count, images.shape[0]))]
+    writer.add_image(tag, tile(rows, nrow=1), global_step=trainer.global_step)
+
+
+class VisualDiagnostics(Callback):
+    """Log ``pl_module.visual_diagnostics(batch)`` to TensorBoard every ``every_n_steps`` optimizer steps.
+
+    The module returns ``{name: float image (3, H, W) in [0, 1]}`` for a training batch (CrIBo's object
+    clusters over the crops, VICRegL's matched cells, BAM's attention and Sinkhorn targets); each picture is
+    added as ``<prefix><name>`` at the current global step. Runs on the global rank 0 process only, before the
+    batch's training step, and only when the trainer has a ``TensorBoardLogger`` (a warning says so once
+    otherwise).
+
+    Args:
+        every_n_steps: log when the number of optimizer steps done is a multiple of this (step 0 included).
+        prefix: prefix of the TensorBoard tags.
+    """
+
+    def __init__(self, every_n_steps: int = 500, prefix: str = "diagnostics/") -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be at least 1")
+        self.every_n_steps, self.prefix = every_n_steps, prefix
+        self._last_step: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "visual_diagnostics", None)):
+            raise TypeError(f"VisualDiagnostics needs `pl_module.visual_diagnostics(batch) -> dict[str, Tensor]`; "
+                            f"{type(pl_module).__name__} has none (subclass ssl_modules.SSLModule)")
+        if tensorboard_writer(trainer) is None:
+            rank_zero_warn("VisualDiagnostics logs pictures to TensorBoard only, and the trainer has no "
+                           "TensorBoardLogger: nothing will be logged (add `logger: TensorBoardLogger(...)`).")
+
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this batch starts a logging step (once per step under gradient accumulation)."""
+        step = trainer.global_step
+        return trainer.global_rank == 0 and step % self.every_n_steps == 0 and step != self._last_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.is_due(trainer):
+            return
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        self._last_step = trainer.global_step
+        with torch.no_grad():
+            pictures = pl_module.visual_diagnostics(batch)
+        for name, picture in pictures.items():
+            if picture.dim() != 3 or picture.shape[0] != 3:
+                raise ValueError(f"visual_diagnostics()[{name!r}] has shape {tuple(picture.shape)}; "
+                                 "pictures must be (3, H, W) floats in [0, 1]")
+            writer.add_image(f"{self.prefix}{name}", picture.detach().float().clamp(0, 1).cpu(),
+                             global_step=trainer.global_step)

@@ -1,0 +1,115 @@
+"""``KNNProbe``: weighted k-nearest-neighbour classification on global features (DINO / BAM protocol)."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import batch_chunks, fixed_subset
+from .embedding import embed_shard, gather_in_index_order, global_features
+from .metrics import compute_all, top_k_accuracies, update_all
+from .probe import Probe
+from .search import SearchBackend, nearest_neighbours
+
+__all__ = ["KNNProbe", "weighted_knn_scores"]
+
+
+def weighted_knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int,
+                        temperature: float) -> Tensor:
+    """Class scores ``(Q, num_classes)``: every neighbour votes for its class with weight ``exp(sim / T)``.
+
+    Args:
+        similarities: ``(Q, k)`` cosine similarities of each query's neighbours.
+        neighbour_labels: ``(Q, k)`` their class indices.
+        num_classes: number of classes.
+        temperature: ``T`` of the vote weights (0.07 in DINO).
+    """
+    weights = (similarities.float() / temperature).exp()
+    scores = weights.new_zeros(similarities.shape[0], num_classes)
+    return scores.scatter_add_(1, neighbour_labels.long(), weights)
+
+
+class KNNProbe(Probe):
+    """Weighted k-NN classification of the validation images against a bank of labelled training images.
+
+    Every ``every_n_epochs`` epochs (and after the last one, and on ``trainer.validate``) the probe embeds a
+    fixed, seeded fraction of ``data.eval_dataset("train")`` (the bank) and ``data.eval_dataset("val")``
+    through ``pl_module.embed`` (global features, l2-normalised), finds each validation image's ``k`` most
+    cosine-similar bank images, and lets them vote with weights ``exp(sim / temperature)``. Logs
+    ``probe/<name>_top1`` and ``probe/<name>_top5``.
+
+    Under DDP every process embeds a shard of both sets; the bank is gathered on every process, each process
+    searches for its own validation images and the accuracies are summed over processes, so all processes log
+    the single-process value.
+
+    Args:
+        k: neighbours per query.
+        temperature: temperature of the vote weights.
+        every_n_epochs: evaluate after every ``every_n_epochs``-th epoch (0: only after the last one).
+        train_fraction: fraction of the training set in the bank, a fixed random subset (BAM's online
+            setting: 0.1; DINO's offline protocol: 1.0).
+        max_train_images: cap on the bank size; ``None`` for no cap.
+        max_val_images: cap on the validation images (a fixed random subset); ``None`` for all.
+        batch_size: images per embedding batch and process.
+        backend: nearest-neighbour search: ``"faiss"`` (faiss-cpu ``IndexFlatIP``), ``"torch"`` (chunked
+            matrix products, best on GPUs) or ``"auto"`` (torch on accelerators and for small banks).
+        num_workers: loader workers per process.
+        data: classification DataModule (``num_classes``, ``eval_dataset(split)``); ``None``: the trainer's.
+        seed: seed of the subsets.
+        name: metric prefix (``probe/<name>_top1``) and checkpoint key.
+    """
+
+    data_kind = "classification"
+
+    def __init__(
+        self,
+        k: int = 20,
+        temperature: float = 0.07,
+        every_n_epochs: int = 1,
+        train_fraction: float = 0.1,
+        max_train_images: int | None = None,
+        max_val_images: int | None = None,
+        batch_size: int = 256,
+        backend: SearchBackend = "auto",
+        num_workers: int = 4,
+        data: pl.LightningDataModule | None = None,
+        seed: int = 0,
+        name: str = "knn",
+    ) -> None:
+        super().__init__(name, every_n_epochs, data, seed)
+        if k < 1 or temperature <= 0 or batch_size < 1:
+            raise ValueError(f"k={k} and batch_size={batch_size} must be >= 1 and temperature={temperature} > 0")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction={train_fraction} must lie in (0, 1]")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend={backend!r}; use 'auto', 'faiss' or 'torch'")
+        self.k, self.temperature, self.backend = k, temperature, backend
+        self.train_fraction, self.max_train_images = train_fraction, max_train_images
+        self.max_val_images = max_val_images
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        data = self.probe_data
+        bank, bank_labels = self.embed_bank(trainer, pl_module, data.eval_dataset("train"))
+        val_set = data.eval_dataset("val")
+        subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
+        if not subset:
+            raise ValueError(f"{type(self).__name__}: the validation set is empty")
+        queries, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
+                                         global_features, self.num_workers)
+        similarities, neighbours = nearest_neighbours(F.normalize(queries, dim=1), bank, self.k, self.backend)
+        scores = weighted_knn_scores(similarities, bank_labels.to(neighbours.device)[neighbours], data.num_classes,
+                                     self.temperature)
+        metrics = top_k_accuracies(data.num_classes, scores.device)
+        update_all(metrics, scores, labels.long().to(scores.device))
+        return compute_all(metrics)
+
+    def embed_bank(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_set) -> tuple[Tensor, Tensor]:
+        """The l2-normalised bank features ``(M, C)`` and labels ``(M,)`` of every process, in index order."""
+        subset = fixed_subset(len(train_set), self.train_fraction, self.max_train_images, self.seed)
+        if not subset:
+            raise ValueError(f"{type(self).__name__}: the training set is empty; there is no bank to search")
+        features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
+                                              global_features, self.num_workers)
+        _, features, labels = gather_in_index_order(index, features, labels)
+        return F.normalize(features, dim=1), labels.long()

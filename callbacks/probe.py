@@ -1,0 +1,125 @@
+"""``Probe``: what every online probe shares — when it runs, where its data comes from, how it logs."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from .data import prepare_probe_data, resolve_probe_data
+from .embedding import require_embed, trainable_context
+
+__all__ = ["Probe"]
+
+
+class Probe(Callback):
+    """Base of the probes: evaluates every ``every_n_epochs`` epochs of ``fit`` (and after the last one),
+    and once per ``trainer.validate``; logs ``probe/<name>_<metric>`` identically on every process.
+
+    Subclasses set ``data_kind`` and implement ``evaluate``; they read features only through
+    ``pl_module.embed``.
+
+    During ``fit`` the probe evaluates in ``on_train_epoch_end``. To select checkpoints on a probe metric
+    (``ModelCheckpoint(monitor="probe/knn_top1")``) while a validation loop also runs, give the checkpoint
+    callback ``save_on_train_epoch_end=True``: otherwise it looks for the metric after validation, before the
+    probe has logged it.
+
+    Args:
+        name: prefix of the logged metrics (``probe/<name>_top1``) and of the checkpoint state key; give two
+            probes of one class different names.
+        every_n_epochs: evaluate after every ``every_n_epochs``-th training epoch; 0 evaluates only after the
+            last one.
+        data: a DataModule implementing the probe-data protocol; ``None`` uses the trainer's datamodule.
+        seed: seed of every random choice of the probe (subsets, head initialisation, batch order).
+    """
+
+    data_kind: Literal["classification", "segmentation"] = "classification"
+
+    def __init__(self, name: str, every_n_epochs: int = 1, data: pl.LightningDataModule | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 0 (0: only after the last epoch)")
+        if not name:
+            raise ValueError("name must be a non-empty string (it prefixes the logged metrics)")
+        self.name, self.every_n_epochs, self.data, self.seed = name, every_n_epochs, data, seed
+        self.last_metrics: dict[str, float] = {}
+        self._resolved: Any = None
+
+    # -------------------------------------------------------------------------------- identity
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__qualname__}[{self.name}]"
+
+    def metric_name(self, metric: str) -> str:
+        return f"probe/{self.name}_{metric}"
+
+    # ------------------------------------------------------------------------------------- data
+    @property
+    def probe_data(self) -> Any:
+        """The DataModule the probe reads (resolved in ``setup``)."""
+        if self._resolved is None:
+            raise RuntimeError(f"{type(self).__name__} has no data yet: it is resolved when the Trainer sets it up")
+        return self._resolved
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the module and the data before any work is done (for ``fit`` and ``validate``; the probe
+        does nothing in ``test`` or ``predict``)."""
+        if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+            return
+        require_embed(type(self).__name__, pl_module)
+        self._resolved = resolve_probe_data(type(self).__name__, self.data, trainer, self.data_kind)
+        prepare_probe_data(self.data, trainer, stage)
+
+    # ------------------------------------------------------------------------------------- when
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        """Whether the epoch that just ended is one to evaluate after."""
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            return True
+        return self.is_last_epoch(trainer)
+
+    @staticmethod
+    def is_last_epoch(trainer: pl.Trainer) -> bool:
+        """Whether training stops after the epoch that just ended (max_epochs, max_steps or a stop request)."""
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+            return True
+        if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+            return True
+        return bool(trainer.should_stop)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.is_due(trainer):
+            self.run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # During fit the probe runs at the end of the training epoch; here only for trainer.validate(...).
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.run(trainer, pl_module)
+
+    # ---------------------------------------------------------------------------------- running
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Evaluate (every process together) and log the metrics; returns them."""
+        with trainable_context():
+            metrics = self.evaluate(trainer, pl_module)
+        self.last_metrics = dict(metrics)
+        for metric, value in metrics.items():
+            self.log_value(pl_module, metric, value)
+        return metrics
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The probe's metrics, equal on every process (``metric -> value``, logged as ``probe/<name>_<metric>``)."""
+        raise NotImplementedError
+
+    def log_value(self, pl_module: pl.LightningModule, metric: str, value: float | Tensor,
+                  on_step: bool = False) -> None:
+        """Log a value that is already equal on every process.
+
+        Epoch values are synced with ``max``, which keeps them bit-exact (and answers Lightning's advice to sync
+        epoch metrics); step values are logged as they are.
+        """
+        pl_module.log(self.metric_name(metric), value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
+                      reduce_fx="max")

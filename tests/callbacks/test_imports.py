@@ -1,0 +1,13 @@
+"""``callbacks`` depends only on the feature contract: no method module, no datamodule internals."""
+import subprocess
+import sys
+
+ALLOWED = {"ssl_modules", "ssl_modules.distributed", "ssl_modules.backbones", "ssl_modules.visualize",
+           "datamodules", "datamodules.views"}
+
+
+def test_callbacks_import_only_the_feature_contract():
+    code = "import sys, callbacks; print('\\n'.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    ours = {name for name in loaded if name.split(".")[0] in ("ssl_modules", "datamodules")}
+    assert ours <= ALLOWED, ours - ALLOWED
