@@ -1,12 +1,15 @@
 """BAM functional core: positive masks, the balanced (Sinkhorn) attention target, top-k targets and the
-attention-matching loss (contract: ``shared/parity/bam/README.md``).
+attention-matching loss (contract: ``shared/parity/bam/README.md``, method: ``shared/spec/bam.md``).
 
-Layout: a multi-view input is a list of V tensors ``(N, D)``, global crops first; stacked matrices are
-crop-major (row ``v * N + n`` is crop ``v`` of image ``n``); columns are the first T crops of every image.
+Layout: a multi-view input is a list of V tensors ``(N, D)``, global crops first. Stacked matrices are
+crop-major (row ``v * N + n`` is crop ``v`` of image ``n``); the columns are the first T crops of every
+image, crop-major too (column ``t * N + m``).
 
-For DDP, ``bam_loss`` takes ``gather``/``all_reduce`` callables and the process's ``rank`` and
-``world_size``: each process then keeps only its own rows (the official scheme) while the columns, the
-Sinkhorn column sums and its shift span every process.
+Distributed use: the functions take gathered columns, and ``balanced_attention`` takes an ``all_reduce``
+callable so that each process can keep only its own rows (the official scheme, W times less memory). On
+top of the contract, ``bam_loss`` accepts ``gather``/``all_reduce``/``rank``/``world_size`` and then runs
+that scheme itself: its loss is this process's share, whose mean over processes is the loss of the
+global batch.
 """
 from __future__ import annotations
 
@@ -25,184 +28,329 @@ __all__ = [
 ]
 
 AllReduce = Callable[[Tensor, str], Tensor]
+"""``all_reduce(tensor, op) -> Tensor``: element-wise reduction over processes, ``op`` in {"sum", "max"}."""
 Gather = Callable[[Tensor], Tensor]
+"""``gather(tensor) -> Tensor``: every process's tensor concatenated along dim 0 in rank order; its
+backward must sum the incoming gradients over processes."""
 
 
+# --------------------------------------------------------------------------------------------- helpers
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: half precision cannot carry logits such as ``similarity / 0.05``."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_mask(positive_mask: Tensor | None, similarity: Tensor) -> None:
+    if positive_mask is None:
+        return
+    if positive_mask.dtype != torch.bool or positive_mask.shape != similarity.shape:
+        raise ValueError(
+            f"positive_mask must be a bool tensor of the similarity's shape {tuple(similarity.shape)}, got "
+            f"{positive_mask.dtype} {tuple(positive_mask.shape)}: build it with bam_positive_mask"
+        )
+
+
+def _images_and_crops(similarity_rows: int, target_rows: int, num_global_crops: int) -> tuple[int, int]:
+    """Number of images n and of crops V from the row counts of the similarity and the targets."""
+    if num_global_crops < 1 or target_rows % num_global_crops or target_rows == 0:
+        raise ValueError(
+            f"targets has {target_rows} rows, which is not a positive multiple of num_global_crops "
+            f"({num_global_crops}): pass the rows of the G global crops, crop-major"
+        )
+    images = target_rows // num_global_crops
+    if similarity_rows % images:
+        raise ValueError(
+            f"similarity has {similarity_rows} rows, not a multiple of the {images} images of the targets: "
+            "pass all V crops of the same images, crop-major"
+        )
+    crops = similarity_rows // images
+    if crops < 2:
+        raise ValueError(f"similarity holds {crops} crop per image; BAM matches crops, so it needs V >= 2")
+    if num_global_crops > crops:
+        raise ValueError(f"num_global_crops ({num_global_crops}) exceeds the number of crops V ({crops})")
+    return images, crops
+
+
+def _column_logsumexp(log_kernel: Tensor, all_reduce: AllReduce | None) -> Tensor:
+    """``logsumexp`` of every column over its rows; with ``all_reduce``, over the rows of all processes.
+
+    A column may be entirely masked on one process: its local maximum is ``-inf``, but the global one is
+    finite, so ``exp(-inf - peak)`` adds 0 to the sum, as it should.
+    """
+    if all_reduce is None:
+        return torch.logsumexp(log_kernel, dim=0, keepdim=True)
+    peak = all_reduce(log_kernel.amax(dim=0, keepdim=True), "max")
+    total = all_reduce(torch.exp(log_kernel - peak).sum(dim=0, keepdim=True), "sum")
+    return peak + torch.log(total)
+
+
+def _column_sum(kernel: Tensor, all_reduce: AllReduce | None) -> Tensor:
+    """Sum of every column over its rows; with ``all_reduce``, over the rows of all processes."""
+    total = kernel.sum(dim=0, keepdim=True)
+    return total if all_reduce is None else all_reduce(total, "sum")
+
+
+def _gather_target_columns(local_columns: Tensor, num_target_crops: int, gather: Gather, world_size: int) -> Tensor:
+    """``(T * B, D)`` crop-major target rows of this process -> ``(T * W * B, D)`` crop-major, process-major."""
+    local_rows, dim = local_columns.shape
+    gathered = gather(local_columns)
+    if gathered.shape != (world_size * local_rows, dim):
+        raise ValueError(
+            f"gather returned shape {tuple(gathered.shape)}, expected {(world_size * local_rows, dim)}: it must "
+            f"concatenate the tensors of all world_size={world_size} processes along dim 0 in rank order"
+        )
+    batch = local_rows // num_target_crops
+    per_process = gathered.reshape(world_size, num_target_crops, batch, dim)
+    return per_process.transpose(0, 1).reshape(num_target_crops * world_size * batch, dim)
+
+
+# ---------------------------------------------------------------------------------------------- public
 def bam_positive_mask(
-    batch_size: int, num_crops: int, num_target_crops: int, *, rank: int = 0, world_size: int = 1, device=None
+    batch_size: int,
+    num_crops: int,
+    num_target_crops: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """Which entries compare two crops of the same image: ``(V * B, T * W * B)`` bool.
+    """The positives of BAM: which entries compare two crops of the same image.
 
-    Rows are this process's crops (row ``v * B + i``); columns are the gathered target crops, crop-major
-    then process-major (column ``t * W * B + q * B + j``). ``mask[v*B+i, t*W*B+q*B+j] = (q == rank and j == i)``.
+    Returns a bool tensor ``(num_crops * batch_size, num_target_crops * world_size * batch_size)``. Rows are
+    the local crops of process ``rank`` (row ``v * B + i``); columns are the gathered target crops,
+    crop-major then process-major (column ``t * W * B + q * B + j``). An entry is True iff ``q == rank``
+    and ``j == i``: each row holds its image's T target crops.
     """
     if batch_size < 1 or num_crops < 1 or num_target_crops < 1:
-        raise ValueError("batch_size, num_crops and num_target_crops must be >= 1")
+        raise ValueError(
+            f"batch_size ({batch_size}), num_crops ({num_crops}) and num_target_crops ({num_target_crops}) "
+            "must all be >= 1"
+        )
     if num_target_crops > num_crops:
-        raise ValueError(f"num_target_crops ({num_target_crops}) cannot exceed num_crops ({num_crops})")
+        raise ValueError(
+            f"num_target_crops ({num_target_crops}) exceeds num_crops ({num_crops}): the target crops are the "
+            "first crops of every image"
+        )
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-    row_image = torch.arange(num_crops * batch_size, device=device) % batch_size
-    column = torch.arange(num_target_crops * world_size * batch_size, device=device) % (world_size * batch_size)
-    column_image = torch.where(column // batch_size == rank, column % batch_size, -1)
+        raise ValueError(f"rank ({rank}) must lie in [0, world_size={world_size})")
+    row_image = rank * batch_size + torch.arange(num_crops * batch_size, device=device) % batch_size
+    images = world_size * batch_size
+    column_image = torch.arange(num_target_crops * images, device=device) % images
     return row_image[:, None] == column_image[None, :]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """At least float32: the Sinkhorn logits ``S / 0.05`` need more than half precision carries."""
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _column_logsumexp(logits: Tensor, all_reduce: AllReduce | None) -> Tensor:
-    """``logsumexp`` over the rows of every column, over the rows of all processes when distributed."""
-    if all_reduce is None:
-        return torch.logsumexp(logits, dim=0, keepdim=True)
-    peak = all_reduce(logits.amax(dim=0, keepdim=True), "max")
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = all_reduce(torch.exp(logits - peak).sum(dim=0, keepdim=True), "sum")
-    return peak + torch.log(total)
 
 
 @torch.no_grad()
 def balanced_attention(
-    similarity: Tensor, temperature: float = 0.05, num_iters: int = 3, positive_mask: Tensor | None = None,
-    *, all_reduce: AllReduce | None = None,
+    similarity: Tensor,
+    temperature: float = 0.05,
+    num_iters: int = 3,
+    positive_mask: Tensor | None = None,
+    *,
+    all_reduce: AllReduce | None = None,
 ) -> Tensor:
-    """The balanced target: Sinkhorn scaling of ``exp(similarity / temperature)`` without masked entries.
+    """The balanced target of BAM: Sinkhorn scaling of ``exp(similarity / temperature)``, masked entries removed.
 
-    Starts with a column normalisation, alternates ``num_iters`` times (columns, then rows) and returns the
-    row-normalised result (rows sum to 1, masked entries exactly 0, no autograd graph). Computed in the log
-    domain, which is exact and cannot underflow at small temperatures; half-precision inputs are computed
-    and returned in float32. With ``all_reduce(tensor, op)`` each process passes only its rows and the
-    column sums run over all processes.
+    Alternates ``num_iters`` times a column normalisation (first) and a row normalisation, then normalises
+    the rows: rows sum to 1, columns are approximately balanced, masked entries are exactly 0. With
+    ``num_iters=0`` this is the masked row softmax. The first column and row steps run in the log domain,
+    where the kernel could underflow (small temperatures, outlier images); after them no row or column can
+    vanish and the remaining steps are plain divisions (exact at any temperature, as fast as a multiplicative
+    Sinkhorn). Computed in at least float32 (half inputs give float32); returns a constant (no graph).
+
+    Args:
+        similarity: ``(R, C)`` cosine similarities, rows = all crops, columns = the target crops.
+        temperature: the entropic regularisation (official ``--reg``).
+        num_iters: Sinkhorn iterations (column then row normalisation).
+        positive_mask: ``(R, C)`` bool, True entries are removed; every row and column must keep one entry.
+        all_reduce: ``all_reduce(tensor, op)`` over processes (``op`` in "sum", "max"). When given,
+            ``similarity`` and ``positive_mask`` hold only this process's rows (all columns), and the result is
+            this process's rows of the single-process result. Collectives: a "max" and a "sum" for the
+            first column step, a "sum" for each later one; no host synchronisation.
     """
     if similarity.dim() != 2:
-        raise ValueError(f"similarity must be (R, C), got shape {tuple(similarity.shape)}")
+        raise ValueError(f"similarity must be a (rows, columns) matrix, got shape {tuple(similarity.shape)}")
+    _check_mask(positive_mask, similarity)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if num_iters < 0:
         raise ValueError(f"num_iters must be >= 0, got {num_iters}")
-    logits = similarity.detach().to(_compute_dtype(similarity)) / temperature
+    log_kernel = similarity.detach().to(_compute_dtype(similarity.dtype)) / temperature  # a fresh tensor
     if positive_mask is not None:
-        if positive_mask.shape != similarity.shape:
-            raise ValueError(f"positive_mask must have shape {tuple(similarity.shape)}, got {tuple(positive_mask.shape)}")
-        logits = logits.masked_fill(positive_mask, float("-inf"))
-    for _ in range(num_iters):
-        logits = logits - _column_logsumexp(logits, all_reduce)
-        logits = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return torch.softmax(logits, dim=1)
+        log_kernel = log_kernel.masked_fill(positive_mask, float("-inf"))
+    if num_iters > 0:  # the first column step, the only place where exp(similarity / temperature) can underflow
+        log_kernel.sub_(_column_logsumexp(log_kernel, all_reduce))
+    kernel = torch.softmax(log_kernel, dim=1)  # the first row step (without iterations: the whole result)
+    # Now every entry is <= 1 and every column keeps one >= 1 / (rows * columns) (its log-domain maximum was
+    # >= -log(rows), the row sums were <= columns), and the plain steps below keep both bounds: no underflow.
+    for _ in range(num_iters - 1):
+        kernel.div_(_column_sum(kernel, all_reduce))
+        kernel.div_(kernel.sum(dim=1, keepdim=True))
+    return kernel
 
 
 @torch.no_grad()
 def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
-    """Keep, per image, the ``k`` target columns of largest mean mass over its global crops; renormalise."""
+    """Keep, per image, the ``k`` target columns of largest mass averaged over its global crops.
+
+    ``targets``: ``(G * n, C)`` target rows of the G global crops, crop-major. The same ``k`` columns are
+    kept in every global crop's row of an image, the others set to 0, and every row is renormalised to 1.
+    """
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be a (rows, columns) matrix, got shape {tuple(targets.shape)}")
     rows, columns = targets.shape
     if num_global_crops < 1 or rows % num_global_crops:
-        raise ValueError(f"targets rows ({rows}) must be a multiple of num_global_crops ({num_global_crops})")
+        raise ValueError(
+            f"targets has {rows} rows, not a multiple of num_global_crops ({num_global_crops}): pass the rows "
+            "of the G global crops, crop-major"
+        )
     if not 1 <= k <= columns:
-        raise ValueError(f"top_k must lie in [1, {columns}] (the number of target columns), got {k}")
+        raise ValueError(f"top_k ({k}) must lie in [1, {columns}] (the number of target columns): lower top_k")
     per_crop = targets.reshape(num_global_crops, rows // num_global_crops, columns)
-    keep = torch.zeros_like(per_crop[0], dtype=torch.bool)
-    keep.scatter_(1, per_crop.mean(0).topk(k, dim=1).indices, True)
+    best = per_crop.mean(dim=0).topk(k, dim=1).indices
+    keep = torch.zeros(per_crop.shape[1:], dtype=torch.bool, device=targets.device).scatter(1, best, True)
     kept = torch.where(keep, per_crop, torch.zeros_like(per_crop))
     return (kept / kept.sum(dim=-1, keepdim=True)).reshape(rows, columns)
 
 
-def _split_counts(rows: int, targets_rows: int, num_global_crops: int) -> tuple[int, int]:
-    if num_global_crops < 1 or targets_rows % num_global_crops:
-        raise ValueError(f"targets rows ({targets_rows}) must be a multiple of num_global_crops ({num_global_crops})")
-    images = targets_rows // num_global_crops
-    if images == 0 or rows % images:
-        raise ValueError(f"similarity rows ({rows}) must be a multiple of the number of images ({images})")
-    crops = rows // images
-    if crops < 2 or num_global_crops > crops:
-        raise ValueError(f"need 2 <= V and num_global_crops <= V, got V={crops}, G={num_global_crops}")
-    return images, crops
-
-
 def attention_matching_loss(
-    similarity: Tensor, targets: Tensor, num_global_crops: int, temperature: float = 0.1,
+    similarity: Tensor,
+    targets: Tensor,
+    num_global_crops: int,
+    temperature: float = 0.1,
     positive_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Swapped cross-entropy between the balanced targets of every global crop and the attention of every
-    other crop of the same image. Returns ``loss`` and ``attention`` (the masked row softmax)."""
-    images, crops = _split_counts(similarity.shape[0], targets.shape[0], num_global_crops)
-    if targets.shape[1] != similarity.shape[1]:
-        raise ValueError(f"targets have {targets.shape[1]} columns, similarity {similarity.shape[1]}")
-    logits = similarity / temperature
-    if positive_mask is not None:
-        logits = logits.masked_fill(positive_mask, torch.finfo(logits.dtype).min)
+    """Swapped cross-entropy between the balanced targets and the source self-attention.
+
+    For every global crop ``t`` and every other crop ``s`` of the same image, ``l(t, s)`` is the mean over
+    images of ``-sum_j targets[t, i, j] * log attention[s, i, j]`` over the unmasked columns; the loss is the
+    mean over ``s != t``, then over ``t``. Gradients reach ``similarity`` only (``targets`` are constants);
+    masked entries give neither loss nor gradient.
+
+    Args:
+        similarity: ``(V * n, C)`` source cosine similarities, all crops, crop-major.
+        targets: ``(G * n, C)`` target rows of the G global crops (from ``balanced_attention``).
+        num_global_crops: G.
+        temperature: the softmax temperature of the source attention.
+        positive_mask: ``(V * n, C)`` bool (``bam_positive_mask``) or None.
+
+    Returns:
+        ``{"loss": scalar, "attention": (V * n, C)}``, the attention being the masked row softmax (no graph).
+    """
+    if similarity.dim() != 2 or targets.dim() != 2 or similarity.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"similarity {tuple(similarity.shape)} and targets {tuple(targets.shape)} must be matrices with the "
+            "same columns (the target crops)"
+        )
+    _check_mask(positive_mask, similarity)
+    images, crops = _images_and_crops(similarity.shape[0], targets.shape[0], num_global_crops)
+    dtype = _compute_dtype(similarity.dtype)
+    logits = similarity.to(dtype) / temperature
+    if positive_mask is not None:  # the finite minimum after the division: exp gives 0, no -inf around
+        logits = logits.masked_fill(positive_mask, torch.finfo(dtype).min)
     log_attention = torch.log_softmax(logits, dim=1)
-    if positive_mask is not None:  # masked entries take no part in the sum (and send no gradient)
+    attention = log_attention.detach().exp()  # exactly 0 where masked: exp(finfo.min - logsumexp) underflows
+    if positive_mask is not None:  # masked entries take no part in the cross-entropy sum
         log_attention = torch.where(positive_mask, torch.zeros_like(log_attention), log_attention)
     columns = similarity.shape[1]
-    source = log_attention.reshape(crops, images, columns)
-    target = targets.detach().to(log_attention.dtype).reshape(num_global_crops, images, columns)
-    cross = -torch.einsum("tic,sic->ts", target, source) / images  # (G, V): l(t, s)
-    off_self = ~torch.eye(num_global_crops, crops, dtype=torch.bool, device=cross.device)
-    loss = (cross * off_self).sum(dim=1).div(crops - 1).mean()
-    return {"loss": loss, "attention": torch.softmax(logits.detach(), dim=1)}
-
-
-def _gathered_columns(local_columns: Tensor, num_target_crops: int, gather: Gather, world_size: int) -> Tensor:
-    """Gather ``(T * B, D)`` crop-major target rows of every process into crop-major, process-major order."""
-    gathered = gather(local_columns)  # (W * T * B, D): process-major
-    batch = local_columns.shape[0] // num_target_crops
-    return gathered.reshape(world_size, num_target_crops, batch, -1).transpose(0, 1).reshape(-1, local_columns.shape[1])
+    per_crop = log_attention.reshape(crops, images, columns)
+    other_crops = per_crop.sum(dim=0) - per_crop[:num_global_crops]  # (G, n, C): sum over s != t
+    target = targets.detach().to(dtype).reshape(num_global_crops, images, columns)
+    loss = -(target * other_crops).sum() / (num_global_crops * (crops - 1) * images)
+    return {"loss": loss, "attention": attention}
 
 
 def bam_loss(
-    student: Sequence[Tensor], teacher: Sequence[Tensor] | None = None, *, num_global_crops: int = 2,
-    num_target_crops: int | None = None, softmax_temperature: float = 0.1, sinkhorn_temperature: float = 0.05,
-    num_sinkhorn_iters: int = 3, positive_masking: bool = True, top_k: int = 0,
-    gather: Gather | None = None, all_reduce: AllReduce | None = None, rank: int = 0, world_size: int = 1,
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor] | None = None,
+    *,
+    num_global_crops: int = 2,
+    num_target_crops: int | None = None,
+    softmax_temperature: float = 0.1,
+    sinkhorn_temperature: float = 0.05,
+    num_sinkhorn_iters: int = 3,
+    positive_masking: bool = True,
+    top_k: int = 0,
+    gather: Gather | None = None,
+    all_reduce: AllReduce | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Tensor]:
-    """The BAM objective. Returns ``loss``, ``attention`` (rows x columns) and ``targets`` (global rows).
+    """The BAM objective on a batch of V crops per image, computed in at least float32.
 
-    ``student``: V projector outputs ``(N, D)``, global crops first; ``teacher``: None or the EMA teacher's
-    outputs for the same V crops (constants). Without a teacher the columns are the student's own target
-    crops and carry gradient. With ``gather``/``all_reduce``/``rank``/``world_size`` the inputs are this
-    process's images only; the columns are gathered (``gather`` must sum gradients over processes in its
-    backward) and the Sinkhorn spans all processes; the loss is this process's share (average it over
-    processes, as DDP does with the gradients, to get the single-process loss of the global batch).
+    Rows are the l2-normalised student outputs of all crops; columns are the first T crops of the student
+    (no teacher: not detached, the student gets gradient through rows and columns) or of the teacher
+    (constants). The targets are the balanced attention of the target side (teacher rows of all crops, or
+    the detached source similarity) over all rows, keeping the G global crops' rows, optionally top-k.
+
+    Args:
+        student: V projector outputs ``(N, D)``, global crops first.
+        teacher: None, or the EMA teacher's outputs for the same V crops.
+        num_global_crops: G, the crops whose rows are targets.
+        num_target_crops: T, the crops used as columns (None: G).
+        softmax_temperature: temperature of the source attention.
+        sinkhorn_temperature: temperature (entropic regularisation) of the balanced targets.
+        num_sinkhorn_iters: Sinkhorn iterations.
+        positive_masking: remove the entries comparing two crops of the same image.
+        top_k: keep only the k best target columns per image (<= 0: off).
+        gather, all_reduce, rank, world_size: distributed mode (all four together; not in the contract).
+            ``student``/``teacher`` then hold this process's B images; the columns are gathered with
+            ``gather`` (summed backward), the Sinkhorn column sums reduced with ``all_reduce``, and the
+            loss is this process's share: its mean over processes is the loss of the global batch, and
+            averaging the gradients over processes (DDP) gives its gradient.
+
+    Returns:
+        ``{"loss": scalar, "attention": (V * N, T * N), "targets": (G * N, T * N)}`` (under DDP: local
+        rows of the gathered columns).
     """
     crops = len(student)
     if crops < 2:
-        raise ValueError(f"bam_loss needs at least 2 crops, got {crops}")
+        raise ValueError(f"bam_loss needs at least 2 crops per image (V >= 2), got {crops}")
     if teacher is not None and len(teacher) != crops:
         raise ValueError(f"teacher must give the same {crops} crops as the student, got {len(teacher)}")
-    targets_per_image = num_target_crops or num_global_crops
-    if not 1 <= num_global_crops <= crops or not 1 <= targets_per_image <= crops:
-        raise ValueError(f"need 1 <= num_global_crops, num_target_crops <= {crops} crops")
-    batch = student[0].shape[0]
-    if any(s.shape[0] != batch for s in student):
-        raise ValueError(f"all crops must have the same number of images, got {[s.shape[0] for s in student]}")
+    target_crops = num_global_crops if num_target_crops is None else num_target_crops
+    if not 1 <= num_global_crops <= crops:
+        raise ValueError(f"num_global_crops ({num_global_crops}) must lie in [1, V={crops}]")
+    if not 1 <= target_crops <= crops:
+        raise ValueError(f"num_target_crops ({target_crops}) must lie in [1, V={crops}]")
+    shape = student[0].shape
+    if len(shape) != 2 or any(s.shape != shape for s in [*student, *(teacher or [])]):
+        raise ValueError(
+            "every student (and teacher) crop must be an (N, D) tensor of the same shape, got "
+            f"{[tuple(s.shape) for s in [*student, *(teacher or [])]]}"
+        )
+    batch = shape[0]
     if positive_masking and batch * world_size < 2:
         raise ValueError(
-            "positive masking leaves nothing to attend to with a single image in the global batch: "
-            "use at least 2 images per global batch"
+            "positive masking removes every column of a single-image batch: use at least 2 images per "
+            "global batch (or positive_masking=False)"
         )
-    dtype = _compute_dtype(student[0])
+    distributed = (gather, all_reduce)
+    if world_size > 1 and any(fn is None for fn in distributed):
+        raise ValueError(f"world_size={world_size} needs both gather and all_reduce (they make the batch global)")
+    num_columns = target_crops * world_size * batch
+    if top_k > num_columns:
+        raise ValueError(
+            f"top_k ({top_k}) exceeds the {num_columns} target columns (T * images of the global batch): "
+            "lower top_k or use a larger batch"
+        )
+
+    dtype = _compute_dtype(student[0].dtype)
     rows = F.normalize(torch.cat(list(student)).to(dtype), dim=-1)
     if teacher is None:
         target_rows = rows
     else:
         target_rows = F.normalize(torch.cat(list(teacher)).detach().to(dtype), dim=-1)
-    local_columns = target_rows[: targets_per_image * batch]
+    columns = target_rows[: target_crops * batch]
     if gather is not None:
-        columns = _gathered_columns(local_columns, targets_per_image, gather, world_size)
-    else:
-        columns = local_columns
-    if top_k > 0 and top_k > columns.shape[0]:
-        raise ValueError(f"top_k ({top_k}) exceeds the {columns.shape[0]} target columns: lower top_k or raise the batch")
+        columns = _gather_target_columns(columns, target_crops, gather, world_size)
     similarity = rows @ columns.T
     target_similarity = similarity.detach() if teacher is None else target_rows @ columns.T
     mask = None
     if positive_masking:
-        mask = bam_positive_mask(batch, crops, targets_per_image, rank=rank, world_size=world_size,
-                                 device=similarity.device)
-    targets = balanced_attention(target_similarity, sinkhorn_temperature, num_sinkhorn_iters, mask,
-                                 all_reduce=all_reduce)[: num_global_crops * batch]
+        mask = bam_positive_mask(batch, crops, target_crops, rank=rank, world_size=world_size, device=rows.device)
+    targets = balanced_attention(
+        target_similarity, sinkhorn_temperature, num_sinkhorn_iters, mask, all_reduce=all_reduce
+    )[: num_global_crops * batch]
     if top_k > 0:
         targets = bam_top_k_targets(targets, num_global_crops, top_k)
     out = attention_matching_loss(similarity, targets, num_global_crops, softmax_temperature, mask)
