@@ -2,7 +2,8 @@
 
 Probes read the backbone only through ``embed(images) -> Features`` (the teacher where there is one, eval
 mode, no gradient). Each process embeds its shard of whole batches (``callbacks.data``); ``gather_in_index_order``
-then gives every process all rows in dataset-index order, the order of a single-process run.
+(from ``ssl_modules.distributed``, re-exported here) then gives every process all rows in dataset-index order,
+the order of a single-process run.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ssl_modules import distributed
 from ssl_modules.backbones import Features
+from ssl_modules.distributed import gather_in_index_order
 
 from .data import sharded_loader
 
@@ -97,17 +99,6 @@ def embed_shard(
     if not chunks[rank::world]:
         return features[0][:0], targets[0][:0], index[:0]
     return torch.cat(features), torch.cat(targets), index
-
-
-def gather_in_index_order(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Every process's rows of ``index`` and ``tensors``, concatenated and stably sorted by ``index``.
-
-    Rows sharing an index keep their order (all rows of one index must come from one process).
-    """
-    every_index = distributed.all_gather_variable(index)
-    order = torch.sort(every_index, stable=True).indices
-    gathered = [distributed.all_gather_variable(t)[order] for t in tensors]
-    return (every_index[order], *gathered)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from .folder import ImageFolderDataModule
 from .imagenet import ImageNetDataModule
 from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
 from .synthetic import SceneConfig, SyntheticScenesDataModule
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, SegmentationEvalTransform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, SegmentationEvalTransform
 from .views import MultiCropViews, Views, ViewSample, collate_views
 from .voc import VOCSegmentationDataModule
 
@@ -25,6 +25,7 @@ __all__ = [
     "SyntheticScenesDataModule",
     "SceneConfig",
     "EvalTransform",
+    "ResizeTransform",
     "SegmentationEvalTransform",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

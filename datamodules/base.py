@@ -8,6 +8,15 @@ Probe-data protocol (what the probe callbacks read from ``trainer.datamodule``):
   ``(float normalised image (3, S, S), LongTensor mask (S, S))``, 255 = ignore.
 
 A DataModule without labels has no ``num_classes`` attribute (``hasattr`` is False).
+
+Crop-guide protocol (what ContrastiveCrop, BAM's ``contrastive_crop=True``, reads from ``trainer.datamodule``;
+every ``PretrainDataModule`` implements it):
+
+- ``crop_guide_dataset(size) -> Dataset`` of ``(float normalised image (3, h, w), int label)``: every training
+  image, in training-set order, resized to ``size`` without keeping its aspect ratio;
+- ``set_crop_guides(boxes, alpha)``: from the next training batches on, draw each image's crops around its
+  box (``boxes`` ``(N, 4)`` normalised ``(y0, x0, y1, x1)``), or by RandomResizedCrop for ``None``;
+- ``crop_guides``: the current ``(N, 4)`` table, or ``None``.
 """
 from __future__ import annotations
 
@@ -19,10 +28,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageFiles, MultiCropImages
-from .transforms import EvalTransform
+from .transforms import EvalTransform, ResizeTransform
 from .views import MultiCropViews, Views, collate_views
 
 __all__ = ["ImageList", "PretrainDataModule", "ClassificationDataMixin", "LayoutError"]
@@ -121,6 +131,34 @@ class PretrainDataModule(pl.LightningDataModule):
     def skipped_images(self) -> int:
         """Unreadable training images skipped so far (over all worker processes)."""
         return self._train_dataset.skipped if self._train_dataset is not None else 0
+
+    # -- ContrastiveCrop guides (the crop-guide protocol) ---------------------------------------------------
+
+    def crop_guide_dataset(self, size: int | tuple[int, int]) -> Dataset:
+        """``(float normalised image, label)`` of every training image in training-set order, resized to
+        ``size`` (a side or ``(height, width)``) without keeping the aspect ratio and without augmentation:
+        what ContrastiveCrop's box update looks at."""
+        dataset = self.train_dataset()
+        return ImageFiles(dataset.files, dataset.labels, ResizeTransform(size))
+
+    def set_crop_guides(self, boxes: Tensor | None, alpha: float = 0.6) -> None:
+        """ContrastiveCrop (``spec/bam.md`` §9): draw the training crops of image ``i`` around ``boxes[i]``.
+
+        Args:
+            boxes: ``(N, 4)`` normalised ``(y0, x0, y1, x1)``, one per training image in training-set order
+                (NaN rows: no guide); ``None`` goes back to RandomResizedCrop.
+            alpha: parameter of the ``Beta(alpha, alpha)`` position draw (0.6 in BAM).
+
+        The table lives in shared memory and is updated in place, so the loader's worker processes
+        (persistent ones too) use it for the batches they prepare next. Call it once before the training
+        loader's workers start (``on_fit_start`` of a LightningModule is before), then between epochs.
+        """
+        self.train_dataset().set_crop_guides(boxes, alpha)
+
+    @property
+    def crop_guides(self) -> Tensor | None:
+        """A copy of the current guide table ``(N, 4)``, or ``None`` when the crops are RandomResizedCrop."""
+        return self._train_dataset.crop_guides if self._train_dataset is not None else None
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

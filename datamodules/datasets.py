@@ -7,6 +7,7 @@ is guarded: an error of a transform is a bug and propagates.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
-from .views import ViewSample
+from .views import MultiCropViews, ViewSample, check_guide_boxes
 
 __all__ = ["ImageFiles", "MultiCropImages", "SegmentationPairs", "UnknownMaskValueError"]
 
@@ -109,10 +110,78 @@ class ImageFiles(_SkippingReader):
 
 
 class MultiCropImages(ImageFiles):
-    """Training items ``(ViewSample, label, index)`` for ``collate_views``; ``transform`` is a ``MultiCropViews``."""
+    """Training items ``(ViewSample, label, index)`` for ``collate_views``; ``transform`` is a ``MultiCropViews``.
+
+    Optional ContrastiveCrop guides (``set_crop_guides``): one box per image in a table in shared memory,
+    updated in place, so that the loader's worker processes — persistent ones included — draw their next
+    crops around the new boxes. The first ``set_crop_guides`` call must come before the workers of the
+    loader that should see the guides start (Lightning: in ``on_fit_start``, before the first epoch's
+    loader exists; BAM does this); a worker started earlier refuses to go on with a clear error rather
+    than silently ignoring them. Update between epochs: a worker reading a box while it is being written
+    could see a half-written one.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int] | None = None,
+                 transform: Callable[[Tensor], Any] | None = None) -> None:
+        super().__init__(files, labels, transform)
+        self._guides: Tensor | None = None  # (N, 4) in shared memory once set; NaN rows: no guide
+        # [number of set_crop_guides calls, alpha], in shared memory from the start so every worker sees it
+        self._guide_state = torch.tensor([0.0, 0.6], dtype=torch.float64).share_memory_()
+
+    def set_crop_guides(self, boxes: Tensor | None, alpha: float = 0.6) -> None:
+        """Draw the crops of image ``i`` around ``boxes[i]`` by ContrastiveCrop from the next item on.
+
+        Args:
+            boxes: ``(N, 4)`` normalised ``(y0, x0, y1, x1)`` in the order of ``files``; a row of NaN leaves
+                that image to RandomResizedCrop. ``None``: RandomResizedCrop for all images.
+            alpha: parameter of the ``Beta(alpha, alpha)`` position draw (0.6 in BAM).
+        """
+        if not isinstance(self.transform, MultiCropViews):
+            raise TypeError(f"crop guides need the MultiCropViews transform, this data set has "
+                            f"{type(self.transform).__name__}: build the DataModule with views=MultiCropViews(...) "
+                            "or a preset name")
+        if not alpha > 0:
+            raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 (0.6 in BAM)")
+        if boxes is not None:
+            boxes = check_guide_boxes(boxes, len(self))
+        if self._guides is None:
+            self._guides = torch.full((len(self), 4), math.nan).share_memory_()
+        if boxes is None:
+            self._guides.fill_(math.nan)
+        else:
+            self._guides.copy_(boxes)
+        self._guide_state[1] = float(alpha)
+        self._guide_state[0] += 1
+
+    @property
+    def crop_guides(self) -> Tensor | None:
+        """A copy of the guide table ``(N, 4)`` (NaN rows: no guide), or ``None`` when no image has a guide."""
+        if self._guides is None or self._guides.isnan().all():
+            return None
+        return self._guides.clone()
+
+    @property
+    def crop_guide_alpha(self) -> float:
+        return float(self._guide_state[1])
+
+    def _guide(self, index: int) -> list[float] | None:
+        if self._guides is None:
+            if self._guide_state[0] > 0:
+                raise RuntimeError(
+                    "crop guides were set after this loader's worker processes had started, so they cannot see "
+                    "them: call set_crop_guides (None is fine) before the training loader's workers start, e.g. "
+                    "in LightningModule.on_fit_start, or use num_workers=0")
+            return None
+        box = self._guides[index].tolist()
+        return None if math.isnan(box[0]) else box
 
     def __getitem__(self, index: int) -> tuple[ViewSample, int, int]:
-        item, used = self._item(index)
+        image, used = self._decode_skipping(index)
+        guide = self._guide(used)
+        if guide is None:
+            item = self.transform(image) if self.transform is not None else image
+        else:
+            item = self.transform(image, guide=guide, alpha=self.crop_guide_alpha)
         return item, self.label(used), used
 
 

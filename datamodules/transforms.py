@@ -11,6 +11,7 @@ __all__ = [
     "IMAGENET_STD",
     "INTERPOLATIONS",
     "EvalTransform",
+    "ResizeTransform",
     "SegmentationEvalTransform",
     "normalize_uint8",
 ]
@@ -88,6 +89,43 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize_size={self.resize_size})"
+
+
+class ResizeTransform:
+    """Resize the whole image to ``size`` (aspect ratio not kept: nothing is cut away), then normalise.
+
+    What ContrastiveCrop's box update looks at (``spec/bam.md`` §9): every training image squashed to the
+    model's input size.
+
+    Args:
+        size: output side, or ``(height, width)``.
+        interpolation: ``"bilinear"`` (default, as the official box update), ``"bicubic"`` or ``"nearest"``.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+
+    Call it on a uint8 ``(3, H, W)`` image; it returns float32 ``(3, height, width)``.
+    """
+
+    def __init__(
+        self,
+        size: int | tuple[int, int] = 224,
+        interpolation: str = "bilinear",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        _check_size("height", height)
+        _check_size("width", width)
+        self.size = (height, width)
+        self.interpolation = interpolation_mode(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        image = F.resize(image, list(self.size), interpolation=self.interpolation, antialias=True)
+        return normalize_uint8(image, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
 
 
 class SegmentationEvalTransform:

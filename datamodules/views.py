@@ -7,6 +7,8 @@ DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns the
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,7 +22,8 @@ from torch.utils.data import default_collate
 from . import colour
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode, normalize_uint8
 
-__all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views"]
+__all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views", "contrastive_crop_params",
+           "check_guide_boxes"]
 
 
 class Views(NamedTuple):
@@ -142,6 +145,79 @@ def _check_positive_pair(name: str, pair: Sequence[float], example: str) -> tupl
     return low, high
 
 
+def check_guide_boxes(boxes: Tensor, num_images: int | None = None) -> Tensor:
+    """``boxes`` as a float32 ``(N, 4)`` CPU table of normalised ``(y0, x0, y1, x1)`` guide boxes, or a
+    ``ValueError`` saying what is wrong. A row of NaN (all four) means "no guide" for that image."""
+    if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"crop guides must be a (num_images, 4) tensor of (y0, x0, y1, x1) boxes, got {shape}")
+    if num_images is not None and boxes.shape[0] != num_images:
+        raise ValueError(f"{boxes.shape[0]} crop guides for {num_images} training images: give one box per image, "
+                         "in the order of the training set")
+    boxes = boxes.detach().to("cpu", torch.float32)
+    unguided = boxes.isnan().all(dim=1)
+    given = boxes[~unguided]
+    if given.isnan().any():
+        raise ValueError("crop guides: a box is partly NaN; give four numbers, or four NaN for 'no guide'")
+    if given.numel() and (given.min() < 0 or given.max() > 1):
+        raise ValueError("crop guides must be normalised to [0, 1] (fractions of the image height and width), got "
+                         f"values in [{given.min().item():.3g}, {given.max().item():.3g}]")
+    if (given[:, 2] < given[:, 0]).any() or (given[:, 3] < given[:, 1]).any():
+        raise ValueError("crop guides must be (y0, x0, y1, x1) with y0 <= y1 and x0 <= x1")
+    return boxes
+
+
+@functools.lru_cache(maxsize=8)
+def _beta(alpha: float) -> torch.distributions.Beta:
+    return torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)), validate_args=False)
+
+
+def _guided_edge(side: int, length: int, low: float, high: float, u: float) -> int:
+    """The first pixel of a crop of ``length`` in ``side`` whose centre runs from ``low`` to ``high`` (fractions)."""
+    start = min(max(int(side * low) - length // 2, 0), side - length)
+    end = min(max(int(side * high) - length // 2, 0), side - length)
+    return start + int((end - start) * u)
+
+
+def contrastive_crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    guide: Sequence[float],
+    alpha: float = 0.6,
+) -> tuple[int, int, int, int]:
+    """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``spec/bam.md`` §9).
+
+    The size is RandomResizedCrop's: area fraction uniform in ``scale``, aspect ratio (w / h) log-uniform in
+    ``ratio``, up to 10 tries, then a centre crop (of the whole image, or of the largest box of an admissible
+    ratio). The position follows the guide box ``(y0, x0, y1, x1)`` (normalised): the top edge runs from
+    ``int(height * y0) - h // 2`` to ``int(height * y1) - h // 2`` (both clamped to ``[0, height - h]``), and is
+    ``start + int((end - start) * u)`` with ``u ~ Beta(alpha, alpha)``; the left edge the same way with its
+    own draw. So the crop's centre lies in the box (to a pixel) unless the crop is pushed in from the image
+    border; ``alpha < 1`` favours the box sides.
+    """
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_low, log_high).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y0, x0, y1, x1 = (float(v) for v in guide)
+            u_top, u_left = _beta(alpha).sample((2,)).tolist()
+            return _guided_edge(height, h, y0, y1, u_top), _guided_edge(width, w, x0, x1, u_left), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class MultiCropViews:
     """Multi-crop augmentation that records where every crop came from.
 
@@ -157,6 +233,11 @@ class MultiCropViews:
     ``MultiCropViews.preset("cribo" | "bam" | "vicregl_resnet" | "vicregl_convnext", **overrides)``.
 
     Works on uint8 tensors and returns uint8 crops (normalise with ``Views.normalized``).
+
+    ContrastiveCrop (BAM, ``spec/bam.md`` §9): called with a ``guide`` box, every crop keeps its
+    RandomResizedCrop size but is placed around the box (``contrastive_crop_params``); the global crops then
+    use the scale range ``(global_scale[0], 1)``, the local ones ``local_scale``. The recorded boxes are the
+    crops' true boxes either way. The training data set passes the guides (``MultiCropImages.set_crop_guides``).
 
     Args:
         n_global: number of large crops (at least 1); they come first.
@@ -269,30 +350,51 @@ class MultiCropViews:
         """Output side of every view, global views first."""
         return [spec.size for spec in self.specs]
 
-    def __call__(self, image: Tensor) -> ViewSample:
-        """uint8 image ``(3, H, W)`` -> its views with boxes, flip flags and the image size."""
+    def __call__(self, image: Tensor, guide: Sequence[float] | Tensor | None = None, alpha: float = 0.6) -> ViewSample:
+        """uint8 image ``(3, H, W)`` -> its views with boxes, flip flags and the image size.
+
+        Args:
+            image: uint8 RGB ``(3, H, W)``.
+            guide: ContrastiveCrop's box ``(y0, x0, y1, x1)`` (normalised) to draw the crops around; ``None``
+                (or NaN) gives RandomResizedCrop.
+            alpha: parameter of the ``Beta(alpha, alpha)`` position draw of ContrastiveCrop.
+        """
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise TypeError(f"MultiCropViews expects a uint8 RGB image (3, H, W); got {image.dtype} "
                             f"{tuple(image.shape)} (datamodules.reading.read_image gives one)")
+        if guide is not None:
+            guide = [float(v) for v in (guide.tolist() if isinstance(guide, Tensor) else guide)]
+            if len(guide) != 4:
+                raise ValueError(f"a crop guide is one box (y0, x0, y1, x1), got {len(guide)} numbers")
+            if any(math.isnan(v) for v in guide):
+                guide = None
+            elif alpha <= 0:
+                raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 (0.6 in BAM)")
         crops, boxes, flips = [], [], []
         for spec in self.specs:
-            crop, box, flipped = self.crop(image, spec)
+            crop, box, flipped = self.crop(image, spec, guide, alpha)
             crops.append(self.colour(crop, spec))
             boxes.append(box)
             flips.append(flipped)
         height, width = image.shape[-2:]
         return ViewSample(crops, torch.stack(boxes), torch.tensor(flips), torch.tensor([float(height), float(width)]))
 
-    def crop(self, image: Tensor, spec: CropSpec) -> tuple[Tensor, Tensor, bool]:
-        """RandomResizedCrop + flip of one view: the crop, its normalised box ``(y0, x0, y1, x1)``, the flag."""
-        params = self._croppers[spec.group].make_params([image])
-        top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+    def crop(self, image: Tensor, spec: CropSpec, guide: Sequence[float] | None = None,
+             alpha: float = 0.6) -> tuple[Tensor, Tensor, bool]:
+        """RandomResizedCrop (ContrastiveCrop around ``guide`` if given) + flip of one view: the crop, its
+        normalised box ``(y0, x0, y1, x1)`` in the image, the flip flag."""
+        height, width = image.shape[-2:]
+        if guide is None:
+            params = self._croppers[spec.group].make_params([image])
+            top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+        else:
+            scale = (spec.scale[0], 1.0) if spec.group == "global" else spec.scale
+            top, left, h, w = contrastive_crop_params(height, width, scale, self.ratio, guide, alpha)
         crop = F.resized_crop(image, top, left, h, w, [spec.size, spec.size], interpolation=self.mode,
                               antialias=True)
         flipped = bool(torch.rand(()) < self.flip_p)
         if flipped:
             crop = F.horizontal_flip(crop)
-        height, width = image.shape[-2:]
         box = torch.tensor([top / height, left / width, (top + h) / height, (left + w) / width])
         return crop, box, flipped
 

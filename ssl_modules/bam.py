@@ -5,6 +5,8 @@ teacher on all crops] -> similarity of every crop to the target crops of the who
 balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each global crop's target row
 and the attention rows of the other crops of the same image. Follows the official code
 (``shared/spec/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
+Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
+found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (``contrastive_crop.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 from . import distributed
 from .backbones import Backbone, is_vit_name
 from .base import SSLModule, upcast
+from .contrastive_crop import ContrastiveCrop
 from .functional import bam_loss
 from .heads import MLP
 from .mixins import MultiCrop, TeacherEMA
@@ -29,7 +32,7 @@ def _row_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1).mean()
 
 
-class BAM(TeacherEMA, MultiCrop, SSLModule):
+class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
     """BAM as a LightningModule. Defaults are the published ViT-S/16 recipe.
 
     Args:
@@ -51,6 +54,14 @@ class BAM(TeacherEMA, MultiCrop, SSLModule):
         positive_masking: drop the entries comparing two crops of one image.
         top_k: keep the k target columns of largest mass per image (128 published; 0 disables).
         mocov3_vit: MoCo v3 ViT (fixed sin-cos position embedding, frozen patch projection, MoCo init).
+        contrastive_crop: draw the crops around per-image boxes from the CLS attention of the last block
+            (ContrastiveCrop adapted to ViTs; ViT backbones only; needs a ``datamodules.PretrainDataModule``).
+            Published: on. Off by default.
+        ccrop_alpha: the crops' position within a box is drawn from ``Beta(alpha, alpha)`` (0.6).
+        ccrop_box_threshold: attention threshold of the boxes, on maps min-max normalised to [0, 1] (0.1).
+        ccrop_interval: recompute the boxes at the end of every ``ccrop_interval``-th epoch (0-based) after the
+            warm-up (40 published; the paper says 20); guided crops from epoch ``max(interval, warm-up) + 1``.
+        ccrop_warmup_epochs: no box update before this epoch; ``None``: ``warmup_epochs`` (the LR warm-up, 40).
         **kwargs: :class:`~ssl_modules.SSLModule` arguments. Defaults: AdamW, base lr 3e-4 per 256 images,
             absolute final lr 1e-3, 40 warm-up epochs, weight decay cosine 0.04 -> 0.4, gradient clipping
             0.3 (global norm). For ResNet-50: ``optimizer="lars"``, ``projector_activation="relu"``.
@@ -75,6 +86,11 @@ class BAM(TeacherEMA, MultiCrop, SSLModule):
         positive_masking: bool = True,
         top_k: int = 128,
         mocov3_vit: bool = True,
+        contrastive_crop: bool = False,
+        ccrop_alpha: float = 0.6,
+        ccrop_box_threshold: float = 0.1,
+        ccrop_interval: int = 40,
+        ccrop_warmup_epochs: float | None = None,
         lr: float = 3e-4,
         min_lr: float = 1e-3,
         warmup_epochs: float = 40.0,
@@ -102,6 +118,9 @@ class BAM(TeacherEMA, MultiCrop, SSLModule):
         )
         if teacher:
             self.init_teacher(["backbone", "projector"], ema_momentum)
+        if contrastive_crop:
+            self.init_contrastive_crop(ccrop_alpha, ccrop_box_threshold, ccrop_interval,
+                                       warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         mocov3 = self.hparams.mocov3_vit and is_vit_name(name)

@@ -16,6 +16,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_no_grad",
     "all_gather_variable",
+    "gather_in_index_order",
     "all_reduce",
 ]
 
@@ -91,6 +92,20 @@ def all_gather_variable(tensor: Tensor, dim: int = 0) -> Tensor:
     padded[: tensor.shape[0]] = tensor
     gathered = all_gather_no_grad(padded).split(max(sizes))
     return torch.cat([piece[:n] for piece, n in zip(gathered, sizes)]).movedim(0, dim)
+
+
+@torch.no_grad()
+def gather_in_index_order(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Every process's rows of ``index`` and ``tensors``, concatenated and stably sorted by ``index``.
+
+    Each process passes the dataset indices of its rows and the rows themselves (any number of rows,
+    zero included); every process gets all rows in dataset-index order, the order of a single-process run.
+    Rows sharing an index keep their order (all rows of one index must come from one process).
+    """
+    every_index = all_gather_variable(index)
+    order = torch.sort(every_index, stable=True).indices
+    gathered = [all_gather_variable(t)[order] for t in tensors]
+    return (every_index[order], *gathered)
 
 
 _REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
