@@ -70,17 +70,19 @@ def _make_mocov3_vit(model: nn.Module) -> None:
     model.patch_embed.proj.requires_grad_(False)
 
 
-def _strip_layer_scale(model: nn.Module) -> int:
-    """Remove ConvNeXt's layer scale (``gamma``) from every block; returns how many were removed.
+def _strip_layer_scale(model: nn.Module) -> dict[str, int]:
+    """Remove ConvNeXt's layer scale (``gamma``) from every block; returns ``{state-dict key: channels}`` of
+    the removed parameters.
 
     ``timm.create_model(..., ls_init_value=None)`` does not do this: create_model drops keyword arguments
     whose value is None, so the blocks silently keep the default layer scale.
     """
-    removed = 0
-    for block in model.modules():
-        if isinstance(getattr(block, "gamma", None), nn.Parameter):
+    removed: dict[str, int] = {}
+    for name, block in model.named_modules():
+        gamma = getattr(block, "gamma", None)
+        if isinstance(gamma, nn.Parameter):
+            removed[f"{name}.gamma" if name else "gamma"] = gamma.numel()
             block.gamma = None
-            removed += 1
     return removed
 
 
@@ -130,7 +132,8 @@ class Backbone(nn.Module):
         self.global_pool = global_pool
         if global_pool == "cell_norm_mean" and not isinstance(getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
             raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")
-        if not layer_scale and _strip_layer_scale(self.model) == 0:
+        self._removed_layer_scale = {} if layer_scale else _strip_layer_scale(self.model)
+        if not layer_scale and not self._removed_layer_scale:
             raise ValueError(f"layer_scale=False: {name} has no layer-scale parameters to remove")
         self.layer_scale = layer_scale
         self.num_features: int = self.model.num_features
@@ -212,5 +215,14 @@ class Backbone(nn.Module):
             raise ValueError(f"official weights do not fit {self.name}: missing {missing}, unexpected {unexpected}")
 
     def timm_state_dict(self) -> dict[str, Tensor]:
-        """The weights as ``timm.create_model(name, num_classes=0, **model_kwargs)`` names them."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """The weights as ``timm.create_model(name, num_classes=0, **model_kwargs)`` names them.
+
+        A model built with ``layer_scale=False`` gets its removed layer scales back as ones (the identity), so
+        that timm's model, which always has them, loads the weights strictly and computes the same blocks.
+        """
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        reference = next(iter(state.values()), None)
+        for key, channels in self._removed_layer_scale.items():
+            state[key] = torch.ones(channels, dtype=reference.dtype if reference is not None else None,
+                                    device=reference.device if reference is not None else None)
+        return state

@@ -39,12 +39,13 @@ class SSLCLI(LightningCLI):
     """LightningCLI in subclass mode for models and data, exporting the backbone after ``fit``."""
 
     def after_fit(self) -> None:
-        self._export_and_report()
+        # On every process: under DDP ``trainer.log_dir`` is a collective call (a broadcast from rank 0).
+        trainer = self.trainer
+        self._export_and_report(Path(trainer.log_dir or trainer.default_root_dir))
 
     @rank_zero_only
-    def _export_and_report(self) -> None:
+    def _export_and_report(self, run_dir: Path) -> None:
         trainer, model = self.trainer, self.model
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         backbone = model.export_backbone(run_dir / "backbone.pt")
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
             trainer.checkpoint_callback, "best_model_path", ""

@@ -1,0 +1,62 @@
+"""What the example tests share: where the examples are, the synthetic-data cache, class-path resolution."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "examples" / "configs"
+NOT_PAPER = {"synthetic_tiny.yaml", "quickstart.yaml"}  # CPU configs: they must run, not reproduce a paper
+
+
+def all_configs() -> list[Path]:
+    """Every YAML under ``examples/configs`` (found anew each run, so added files are covered)."""
+    return sorted(CONFIGS.rglob("*.yaml"))
+
+
+def paper_configs() -> list[Path]:
+    return [p for p in all_configs() if p.name not in NOT_PAPER]
+
+
+def tiny_configs() -> list[Path]:
+    """The configs meant to train on a CPU: every ``synthetic_tiny.yaml`` and ``quickstart.yaml``."""
+    return [p for p in all_configs() if p.name in NOT_PAPER]
+
+
+def config_id(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+def resolve(class_path: str) -> type:
+    """A class from a config's ``class_path``: a dotted path, or a short name of the library's packages."""
+    if "." in class_path:
+        module, _, name = class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    for package in ("ssl_modules", "datamodules", "callbacks"):
+        found = getattr(importlib.import_module(package), class_path, None)
+        if found is not None:
+            return found
+    raise LookupError(f"class_path {class_path!r} names no class of ssl_modules, datamodules or callbacks")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """One cache folder for the synthetic scenes of the whole session (the data of given parameters is generated
+    once, into a sub-folder named after them, and reused by every test that asks for the same parameters)."""
+    root = tmp_path_factory.getbasetemp() / "synthetic-scenes"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def run_python(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python <args>`` in the repository root, offline, with the output captured (for scripts and DDP runs:
+    a DDP rank re-runs ``sys.argv``, so distributed runs must not start from inside pytest)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
