@@ -69,7 +69,8 @@ class OnlineLinearProbe(Probe):
     Evaluation (every ``every_n_epochs`` epochs, after the last one and on ``trainer.validate``): top-1/top-5
     accuracy on ``data.eval_dataset("val")``, logged as ``probe/<name>_top1`` and ``probe/<name>_top5``; the
     training loss is logged per step as ``probe/<name>_loss``. A head that was never trained (e.g.
-    ``trainer.validate`` with a fresh probe) is first trained for ``validate_steps`` steps on its own loader.
+    ``trainer.validate`` with a fresh probe) is first trained for ``validate_steps`` steps on cached features
+    of its own labelled images (``train_on_frozen_features``).
     The head, its optimizer, the step count and the loader position are saved in the checkpoint.
 
     Args:
@@ -82,7 +83,8 @@ class OnlineLinearProbe(Probe):
         normalize: a parameter-free BatchNorm before the linear layer.
         every_n_epochs: evaluate after every ``every_n_epochs``-th epoch (0: only after the last one).
         max_val_images: cap on the validation images (a fixed random subset); ``None`` for all.
-        validate_steps: training steps on the own loader for a head that has never been trained.
+        validate_steps: training steps of a head that has never been trained (on cached features of the
+            labelled training images).
         num_workers: loader workers per process.
         data: classification DataModule (``num_classes``, ``eval_dataset(split)``); ``None``: the trainer's.
         seed: seed of the head initialisation, the loader order and the validation subset.
@@ -188,10 +190,14 @@ class OnlineLinearProbe(Probe):
         if index is None:  # no dataset index: keep the processes' (rank) order
             index = torch.zeros(labels.shape[0], dtype=torch.long, device=device)
         _, features, labels = gather_in_index_order(index.to(device), features, labels)
+        return self.update_head(features, labels)
+
+    def update_head(self, features: Tensor, labels: Tensor) -> Tensor | None:
+        """One optimizer step of the head on a global batch of features (identical on every process)."""
         keep = labels >= 0
         if int(keep.sum()) < 2:
             return None
-        head = self.head if self.head is not None else self.build_head(features.shape[1], device)
+        head = self.head if self.head is not None else self.build_head(features.shape[1], features.device)
         head.train()
         loss = F.cross_entropy(head(features[keep]), labels[keep])
         self.optimizer.zero_grad(set_to_none=True)
@@ -200,16 +206,36 @@ class OnlineLinearProbe(Probe):
         self.steps += 1
         return loss.detach()
 
-    def train_from_stream(self, trainer: pl.Trainer, pl_module: pl.LightningModule, steps: int) -> None:
-        """``steps`` updates on the own loader (for a head that was never trained)."""
+    def train_on_frozen_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule, steps: int) -> None:
+        """``steps`` updates of a head that was never trained (``trainer.validate``), on cached features.
+
+        The evaluation images are not augmented, so an image's features do not change from one pass to the
+        next: a fixed, seeded subset of at most ``steps * batch_size`` training images is embedded once
+        (never more backbone calls than streaming would cost) and the head cycles through it in seeded
+        random batches. Every process holds the gathered cache and makes the same updates.
+        """
+        train_set = self.probe_data.eval_dataset("train")
+        subset = fixed_subset(len(train_set), 1.0, steps * self.batch_size, self.seed)
+        if not subset:
+            raise ValueError(f"{type(self).__name__}: the training set is empty; there is nothing to train the head on")
+        features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
+                                              global_features, self.num_workers)
+        _, features, labels = gather_in_index_order(index, features, labels)
+        labels = labels.long()
+        generator = torch.Generator().manual_seed(self.seed)
+        batches: list[Tensor] = []
         for _ in range(steps):
-            self.train_step(trainer, pl_module, *self.stream().next())
+            if not batches:
+                order = torch.randperm(features.shape[0], generator=generator)
+                batches = list(order.split(self.batch_size))
+            rows = batches.pop(0).sort().values.to(features.device)
+            self.update_head(features[rows], labels[rows])
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         data = self.probe_data
         if self.steps == 0 and self.validate_steps > 0:
-            self.train_from_stream(trainer, pl_module, self.validate_steps)
+            self.train_on_frozen_features(trainer, pl_module, self.validate_steps)
         val_set = data.eval_dataset("val")
         subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
         if not subset:

@@ -125,6 +125,11 @@ class SSLModule(pl.LightningModule):
         finally:
             backbone.train(was_training)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing: representation quality is measured by the probe callbacks, which run at the end of
+        the validation epoch of ``trainer.validate`` (and ``python -m ssl_modules validate``)."""
+        return None
+
     # ------------------------------------------------------------------------------------ schedules
     @property
     def total_steps(self) -> int:
