@@ -143,19 +143,29 @@ def _texture(rng: np.random.Generator, size: int, scale: float, kinds: dict[str,
     return ((np.sin(2 * math.pi * a / period) * np.sin(2 * math.pi * b / period)) > 0.3).astype(np.float32)
 
 
-def _paint(rng: np.random.Generator, size: int, scale: float, kinds: dict[str, float]) -> np.ndarray:
-    """A textured RGB layer ``(size, size, 3)``: a texture mixing two uniformly random colours."""
+def _colour(rng: np.random.Generator, palette: np.ndarray | None) -> np.ndarray:
+    """A uniformly random RGB colour in [0, 1], or a uniformly chosen entry of ``palette`` ``(P, 3)``."""
+    if palette is None:
+        return rng.random(3, dtype=np.float32)
+    return palette[rng.integers(len(palette))]
+
+
+def _paint(rng: np.random.Generator, size: int, scale: float, kinds: dict[str, float],
+           palette: np.ndarray | None = None) -> np.ndarray:
+    """A textured RGB layer ``(size, size, 3)``: a texture mixing two random colours (from ``palette`` if
+    given)."""
     t = _texture(rng, size, scale, kinds)[..., None]
-    first, second = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
+    first, second = _colour(rng, palette), _colour(rng, palette)
     return first + (second - first) * t
 
 
-def _background(rng: np.random.Generator, size: int, kinds: dict[str, float], blob_p: float) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, kinds: dict[str, float], blob_p: float,
+                palette: np.ndarray | None = None) -> np.ndarray:
     """A textured layer; with probability ``blob_p`` a second one shows through in random blobs."""
-    layer = _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds)
+    layer = _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette)
     if rng.random() < blob_p:
         blobs = _smooth_noise(rng, size, int(rng.integers(2, 5))) > 0.5
-        layer = np.where(blobs[..., None], _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds), layer)
+        layer = np.where(blobs[..., None], _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette), layer)
     return layer
 
 
@@ -182,12 +192,14 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
                  objects: tuple[int, int] = (1, 3), dominant_area: tuple[float, float] = (0.15, 0.35),
                  other_area: tuple[float, float] = (0.02, 0.06), noise: float = 0.02,
                  object_textures: dict[str, float] | None = None, background_textures: dict[str, float] | None = None,
-                 blob_p: float = 0.1) -> Scene:
+                 blob_p: float = 0.1, palette: np.ndarray | None = None, max_rotation: float = 180.0) -> Scene:
     """One scene: a large object of class ``dominant`` and further smaller objects of other classes.
 
     Areas are fractions of the image; objects are drawn in a random depth order, so they occlude each
     other, and the label is recomputed from the visible areas. ``noise`` is the standard deviation of the
-    pixel noise (in [0, 1] units), ``blob_p`` the probability of a two-layer background.
+    pixel noise (in [0, 1] units), ``blob_p`` the probability of a two-layer background. ``palette``
+    ``(P, 3)`` restricts every colour (objects and background alike) to P colours; ``max_rotation`` (degrees)
+    bounds the objects' random rotation (180: any orientation; 0: upright).
     """
     object_textures = object_textures or OBJECT_TEXTURES
     background_textures = background_textures or BACKGROUND_TEXTURES
@@ -195,7 +207,7 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
     count = min(count, num_classes)
     others = rng.permutation([c for c in range(num_classes) if c != dominant])[: count - 1]
     classes = [dominant] + [int(c) for c in others]
-    image = _background(rng, size, background_textures, blob_p)
+    image = _background(rng, size, background_textures, blob_p, palette)
     instances = np.full((size, size), -1, np.int16)
     x, y = _grid(size)
     for obj in rng.permutation(count):
@@ -204,12 +216,13 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
         scale = math.sqrt(rng.uniform(*area_range) * size * size / _unit_area(name))  # pixels per unit
         margin = min(0.7 * scale, size / 2)
         cx, cy = rng.uniform(margin, size - margin, 2)
-        angle = rng.uniform(0, 2 * math.pi)
+        angle = math.radians(max_rotation) * rng.uniform(-1.0, 1.0)
         cos, sin = math.cos(angle), math.sin(angle)
         u = ((x - cx) * cos + (y - cy) * sin) / scale
         v = (-(x - cx) * sin + (y - cy) * cos) / scale
         inside = shape_mask(name, u, v)
-        image = np.where(inside[..., None], _paint(rng, size, scale * rng.uniform(0.6, 1.6), object_textures), image)
+        paint = _paint(rng, size, scale * rng.uniform(0.6, 1.6), object_textures, palette)
+        image = np.where(inside[..., None], paint, image)
         instances[inside] = obj
     image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)
     areas = np.bincount(instances.ravel() + 1, minlength=count + 1)[1:]

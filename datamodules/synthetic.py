@@ -39,7 +39,12 @@ from .voc import VOCSegmentationDataModule
 
 __all__ = ["SyntheticScenesDataModule", "SceneConfig", "generate_scenes", "default_cache_root", "voc_palette"]
 
-GENERATOR_VERSION = 2  # bump when the rendering or the layouts change: it is part of the cache key
+GENERATOR_VERSION = 3  # bump when the rendering or the layouts change: it is part of the cache key
+# style -> (object textures, background textures); None: the renderer's defaults.
+STYLES: dict[str, tuple[dict[str, float] | None, dict[str, float] | None]] = {
+    "varied": (None, None),  # patterned and smooth fills, every background texture
+    "flat": ({"solid": 1.0}, {"solid": 0.4, "gradient": 0.3, "noise": 0.3}),  # solid shapes, smooth backgrounds
+}
 _SPLITS = {"train": ("train", "train2017"), "val": ("val", "val2017")}  # split -> (imagenet/voc name, coco name)
 
 
@@ -73,8 +78,17 @@ class SceneConfig:
     num_val: int = 500
     objects: tuple[int, int] = (1, 3)
     seed: int = 0
+    style: Literal["varied", "flat"] = "varied"
+    palette_size: int | None = None
+    max_rotation: float = 180.0
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"style={self.style!r}; use one of {sorted(STYLES)}")
+        if self.palette_size is not None and self.palette_size < 2:
+            raise ValueError(f"palette_size={self.palette_size} must be at least 2 (or None for any colour)")
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise ValueError(f"max_rotation={self.max_rotation} must lie in [0, 180] degrees")
         if not 2 <= self.num_classes <= len(SHAPES):
             raise ValueError(f"num_classes={self.num_classes} must lie in [2, {len(SHAPES)}] (the shapes {SHAPES})")
         if self.image_size < 16:
@@ -89,6 +103,12 @@ class SceneConfig:
         params = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
         digest = hashlib.sha1(params.encode()).hexdigest()[:10]
         return f"scenes-{self.image_size}px-{self.num_classes}c-{self.num_train}+{self.num_val}-{digest}"
+
+    def palette(self) -> np.ndarray | None:
+        """The ``palette_size`` colours every scene draws from (seeded), or None for any colour."""
+        if self.palette_size is None:
+            return None
+        return np.random.default_rng([self.seed, 2]).random((self.palette_size, 3), dtype=np.float32)
 
     def class_folders(self) -> list[str]:
         return [f"{c:02d}_{SHAPES[c]}" for c in range(self.num_classes)]
@@ -148,8 +168,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _write_image(config: SceneConfig, folder: Path, split: str, index: int) -> dict[str, Any]:
     """Render image ``index`` of ``split``, write it into the three layouts, return its COCO records."""
     rng = np.random.default_rng([config.seed, 0 if split == "train" else 1, index])
+    object_textures, background_textures = STYLES[config.style]
     scene = render_scene(rng, config.image_size, config.num_classes, dominant=index % config.num_classes,
-                         objects=config.objects)
+                         objects=config.objects, object_textures=object_textures,
+                         background_textures=background_textures, palette=config.palette(),
+                         max_rotation=config.max_rotation)
     name, coco_split = _SPLITS[split]
     stem = f"{split}_{index:06d}"
     image_id = index + 1 + (0 if split == "train" else 10_000_000)
@@ -253,6 +276,11 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         num_train: training images.
         num_val: validation images.
         objects_per_image: range of the number of objects (of distinct classes) in an image.
+        style: ``"varied"`` (patterned and smooth fills on every kind of background texture) or ``"flat"``
+            (solid shapes on smooth backgrounds: easier to learn in a short run).
+        palette_size: draw every colour (objects and backgrounds alike) from this many seeded colours;
+            ``None``: any colour. Either way colour says nothing about the class.
+        max_rotation: objects are rotated uniformly within +-``max_rotation`` degrees (180: any orientation).
         seed: seed of the generator; the same parameters give the same bytes.
         generation_workers: processes that generate the data.
         views: the multi-crop transform or a preset name; a preset gets the crop sizes ``crop_sizes``.
@@ -270,6 +298,9 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         num_train: int = 4000,
         num_val: int = 500,
         objects_per_image: tuple[int, int] = (1, 3),
+        style: Literal["varied", "flat"] = "varied",
+        palette_size: int | None = None,
+        max_rotation: float = 180.0,
         seed: int = 0,
         generation_workers: int = 2,
         views: MultiCropViews | str = "cribo",
@@ -282,7 +313,8 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         super().__init__(views=views, eval_size=eval_size, **kwargs)
         if layout not in ("imagenet", "coco", "voc"):
             raise ValueError(f"layout={layout!r}; use 'imagenet', 'coco' or 'voc'")
-        self.config = SceneConfig(image_size, num_object_classes, num_train, num_val, tuple(objects_per_image), seed)
+        self.config = SceneConfig(image_size, num_object_classes, num_train, num_val, tuple(objects_per_image), seed,
+                                  style, palette_size, max_rotation)
         self.cache_root = Path(root).expanduser() if root is not None else default_cache_root()
         self.layout, self.generation_workers = layout, generation_workers
         self._loader_kwargs = dict(kwargs, views=self.views, eval_size=eval_size)

@@ -96,7 +96,8 @@ class Backbone(nn.Module):
         global_pool: ``"default"`` uses the model's own pooling (CLS token for ViTs, average pool for
             CNNs); ``"cell_norm_mean"`` applies the head's LayerNorm to every cell and averages the
             normalised cells, and the dense cells are the normalised ones (VICRegL's ConvNeXt features;
-            timm pools first and normalises after, which gives different vectors).
+            timm pools first and normalises after, which gives different vectors); ``"dense_mean"`` is the mean
+            of the dense features (for ViTs: the mean patch token after the final norm, instead of the CLS).
         layer_scale: ``False`` removes ConvNeXt's layer scale (VICRegL's ConvNeXt has none).
         mocov3_vit: ViT only: MoCo v3's fixed 2-D sin-cos position embedding, frozen patch projection and
             initialisation (``weight_init="moco"``), as BAM's official ViTs.
@@ -109,14 +110,14 @@ class Backbone(nn.Module):
         self,
         name: str,
         pretrained: bool = False,
-        global_pool: Literal["default", "cell_norm_mean"] = "default",
+        global_pool: Literal["default", "cell_norm_mean", "dense_mean"] = "default",
         layer_scale: bool = True,
         mocov3_vit: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        if global_pool not in ("default", "cell_norm_mean"):
-            raise ValueError(f"global_pool must be 'default' or 'cell_norm_mean', got {global_pool!r}")
+        if global_pool not in ("default", "cell_norm_mean", "dense_mean"):
+            raise ValueError(f"global_pool must be 'default', 'cell_norm_mean' or 'dense_mean', got {global_pool!r}")
         self.name = name
         self.is_vit = is_vit_name(name)
         if self.is_vit:
@@ -181,6 +182,8 @@ class Backbone(nn.Module):
         tokens = self.model.forward_features(images)
         grid = self.grid_size(*images.shape[-2:])
         dense = tokens[:, self.num_prefix_tokens :]
+        if self.global_pool == "dense_mean":
+            return Features(dense.mean(dim=1), dense, grid)
         return Features(self.model.forward_head(tokens, pre_logits=True), dense, grid)
 
     def _cnn_features(self, images: Tensor) -> Features:
@@ -190,6 +193,8 @@ class Backbone(nn.Module):
             dense = normed.flatten(2).transpose(1, 2)
             return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
         dense = maps.flatten(2).transpose(1, 2)
+        if self.global_pool == "dense_mean":
+            return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
         return Features(self.model.forward_head(maps, pre_logits=True), dense, tuple(maps.shape[-2:]))
 
     def load_official_weights(self, state_dict: dict[str, Tensor], prefixes: tuple[str, ...] = ()) -> None:

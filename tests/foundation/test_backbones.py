@@ -83,3 +83,11 @@ def test_timm_state_dict_loads_into_timm_strictly():
     backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **backbone.model_kwargs)
     model.load_state_dict(backbone.timm_state_dict(), strict=True)
+
+
+def test_dense_mean_pool_is_the_mean_of_the_dense_features():
+    images = torch.randn(2, 3, 32, 32)
+    for name, kwargs in (("vit_tiny_patch16_224", TINY_VIT), ("convnext_atto", {})):
+        backbone = Backbone(name, global_pool="dense_mean", **kwargs).eval()
+        features = backbone(images)
+        torch.testing.assert_close(features.global_, features.dense.mean(dim=1))

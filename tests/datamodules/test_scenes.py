@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from datamodules.synthetic import SceneConfig
+
+from datamodules.scenes import render_scene
+
+
+def test_a_palette_restricts_every_colour_of_the_scene():
+    palette = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    scene = render_scene(np.random.default_rng(0), 48, 6, dominant=2, palette=palette, noise=0.0,
+                         object_textures={"solid": 1.0}, background_textures={"solid": 1.0})
+    colours = {tuple(c) for c in scene.image.reshape(-1, 3).tolist()}
+    assert colours <= {(255, 0, 0), (0, 0, 255)}
+
+
+def test_upright_objects_do_not_rotate():
+    def dominant_mask(max_rotation, seed):
+        scene = render_scene(np.random.default_rng(seed), 64, 6, dominant=1, objects=(1, 1), noise=0.0,
+                             max_rotation=max_rotation)
+        return scene.instances == 0
+    # a square (class 1) drawn upright fills its bounding box; rotated, it does not
+    for seed in range(5):
+        mask = dominant_mask(0.0, seed)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert box.mean() > 0.97
+    rotated = [dominant_mask(180.0, seed) for seed in range(5)]
+    fills = []
+    for mask in rotated:
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        fills.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean())
+    assert min(fills) < 0.9
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(style="busy"), "style"), (dict(palette_size=1), "palette_size"),
+                                             (dict(max_rotation=200.0), "max_rotation")])
+def test_impossible_scene_parameters_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SceneConfig(**kwargs)
+
+
+def test_style_palette_and_rotation_are_part_of_the_cache_key():
+    keys = {SceneConfig().key(), SceneConfig(style="flat").key(), SceneConfig(palette_size=4).key(),
+            SceneConfig(max_rotation=0.0).key()}
+    assert len(keys) == 4
