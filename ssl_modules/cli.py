@@ -23,7 +23,7 @@ import callbacks  # noqa: E402,F401  (registers the probes for short class names
 import datamodules  # noqa: E402,F401
 from ssl_modules.base import SSLModule  # noqa: E402
 
-__all__ = ["SSLCLI", "main", "export_checkpoint"]
+__all__ = ["SSLCLI", "main", "export_checkpoint", "probe_report"]
 
 
 def _import_methods() -> None:
@@ -43,6 +43,9 @@ class SSLCLI(LightningCLI):
         trainer = self.trainer
         self._export_and_report(Path(trainer.log_dir or trainer.default_root_dir))
 
+    def after_validate(self) -> None:
+        self._report_probes()
+
     @rank_zero_only
     def _export_and_report(self, run_dir: Path) -> None:
         trainer, model = self.trainer, self.model
@@ -50,6 +53,7 @@ class SSLCLI(LightningCLI):
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
             trainer.checkpoint_callback, "best_model_path", ""
         )
+        self._report_probes()
         print("\n".join([
             "",
             "Run finished.",
@@ -57,6 +61,25 @@ class SSLCLI(LightningCLI):
             f"  checkpoint: {ckpt or 'none (checkpointing is off)'}",
             f"  backbone:   {backbone}  (timm weights; see {backbone.with_suffix('.json').name})",
         ]))
+
+    @rank_zero_only
+    def _report_probes(self) -> None:
+        """Print the probes' last results (identical on every process)."""
+        lines = probe_report(self.trainer.callbacks)
+        if lines:
+            print("\n".join(["", "Probe results (last evaluation):", *lines]))
+
+
+def probe_report(callbacks: list) -> list[str]:
+    """One line per probe metric, ``probe/<name>_<metric>  value``, from the probes' ``last_metrics``."""
+    lines = []
+    for callback in callbacks:
+        metrics = getattr(callback, "last_metrics", None)
+        if not isinstance(metrics, dict) or not hasattr(callback, "metric_name"):
+            continue
+        for metric, value in metrics.items():
+            lines.append(f"  {callback.metric_name(metric):<28} {float(value):.4f}")
+    return lines
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
