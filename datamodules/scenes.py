@@ -143,30 +143,39 @@ def _texture(rng: np.random.Generator, size: int, scale: float, kinds: dict[str,
     return ((np.sin(2 * math.pi * a / period) * np.sin(2 * math.pi * b / period)) > 0.3).astype(np.float32)
 
 
-def _colour(rng: np.random.Generator, palette: np.ndarray | None) -> np.ndarray:
-    """A uniformly random RGB colour in [0, 1], or a uniformly chosen entry of ``palette`` ``(P, 3)``."""
-    if palette is None:
-        return rng.random(3, dtype=np.float32)
-    return palette[rng.integers(len(palette))]
+MIN_CONTRAST = 0.35  # RGB distance (in [0, 1] units) an object's colours keep from what lies under it
+
+
+def _colour(rng: np.random.Generator, palette: np.ndarray | None, avoid: list[np.ndarray] = ()) -> np.ndarray:
+    """A random RGB colour in [0, 1] (an entry of ``palette`` ``(P, 3)`` if given) at least ``MIN_CONTRAST``
+    away from every colour in ``avoid``; the farthest candidate when none is that far."""
+    candidates = rng.random((16, 3), dtype=np.float32) if palette is None else palette[rng.permutation(len(palette))]
+    if not avoid:
+        return candidates[0]
+    distance = np.linalg.norm(candidates[:, None] - np.stack(avoid)[None], axis=-1).min(axis=1)
+    far = np.flatnonzero(distance >= MIN_CONTRAST)
+    return candidates[far[0] if len(far) else int(np.argmax(distance))]
 
 
 def _paint(rng: np.random.Generator, size: int, scale: float, kinds: dict[str, float],
-           palette: np.ndarray | None = None) -> np.ndarray:
-    """A textured RGB layer ``(size, size, 3)``: a texture mixing two random colours (from ``palette`` if
-    given)."""
+           palette: np.ndarray | None = None, avoid: list[np.ndarray] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A textured RGB layer ``(size, size, 3)`` mixing two random colours (from ``palette`` if given, away
+    from the colours in ``avoid``), and those two colours."""
     t = _texture(rng, size, scale, kinds)[..., None]
-    first, second = _colour(rng, palette), _colour(rng, palette)
-    return first + (second - first) * t
+    first, second = _colour(rng, palette, avoid), _colour(rng, palette, avoid)
+    return first + (second - first) * t, [first, second] if t.any() else [first]
 
 
 def _background(rng: np.random.Generator, size: int, kinds: dict[str, float], blob_p: float,
-                palette: np.ndarray | None = None) -> np.ndarray:
-    """A textured layer; with probability ``blob_p`` a second one shows through in random blobs."""
-    layer = _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette)
+                palette: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A textured layer (with probability ``blob_p`` a second one shows through in random blobs) and the
+    colours it uses."""
+    layer, colours = _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette)
     if rng.random() < blob_p:
         blobs = _smooth_noise(rng, size, int(rng.integers(2, 5))) > 0.5
-        layer = np.where(blobs[..., None], _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette), layer)
-    return layer
+        second, more = _paint(rng, size, size * rng.uniform(0.1, 0.5), kinds, palette)
+        layer, colours = np.where(blobs[..., None], second, layer), colours + more
+    return layer, colours
 
 
 # -- scenes ------------------------------------------------------------------------------------------------
@@ -199,7 +208,9 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
     other, and the label is recomputed from the visible areas. ``noise`` is the standard deviation of the
     pixel noise (in [0, 1] units), ``blob_p`` the probability of a two-layer background. ``palette``
     ``(P, 3)`` restricts every colour (objects and background alike) to P colours; ``max_rotation`` (degrees)
-    bounds the objects' random rotation (180: any orientation; 0: upright).
+    bounds the objects' random rotation (180: any orientation; 0: upright). Each object's colours keep
+    ``MIN_CONTRAST`` from the background's and the earlier objects' colours where the palette allows, so no
+    object is invisible.
     """
     object_textures = object_textures or OBJECT_TEXTURES
     background_textures = background_textures or BACKGROUND_TEXTURES
@@ -207,7 +218,7 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
     count = min(count, num_classes)
     others = rng.permutation([c for c in range(num_classes) if c != dominant])[: count - 1]
     classes = [dominant] + [int(c) for c in others]
-    image = _background(rng, size, background_textures, blob_p, palette)
+    image, used_colours = _background(rng, size, background_textures, blob_p, palette)
     instances = np.full((size, size), -1, np.int16)
     x, y = _grid(size)
     for obj in rng.permutation(count):
@@ -221,7 +232,8 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
         u = ((x - cx) * cos + (y - cy) * sin) / scale
         v = (-(x - cx) * sin + (y - cy) * cos) / scale
         inside = shape_mask(name, u, v)
-        paint = _paint(rng, size, scale * rng.uniform(0.6, 1.6), object_textures, palette)
+        paint, colours = _paint(rng, size, scale * rng.uniform(0.6, 1.6), object_textures, palette, used_colours)
+        used_colours = used_colours + colours
         image = np.where(inside[..., None], paint, image)
         instances[inside] = obj
     image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)

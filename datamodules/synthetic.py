@@ -39,7 +39,7 @@ from .voc import VOCSegmentationDataModule
 
 __all__ = ["SyntheticScenesDataModule", "SceneConfig", "generate_scenes", "default_cache_root", "voc_palette"]
 
-GENERATOR_VERSION = 3  # bump when the rendering or the layouts change: it is part of the cache key
+GENERATOR_VERSION = 4  # bump when the rendering or the layouts change: it is part of the cache key
 # style -> (object textures, background textures); None: the renderer's defaults.
 STYLES: dict[str, tuple[dict[str, float] | None, dict[str, float] | None]] = {
     "varied": (None, None),  # patterned and smooth fills, every background texture
@@ -105,13 +105,25 @@ class SceneConfig:
         return f"scenes-{self.image_size}px-{self.num_classes}c-{self.num_train}+{self.num_val}-{digest}"
 
     def palette(self) -> np.ndarray | None:
-        """The ``palette_size`` colours every scene draws from (seeded), or None for any colour."""
+        """The ``palette_size`` colours every scene draws from (seeded, far apart), or None for any colour."""
         if self.palette_size is None:
             return None
-        return np.random.default_rng([self.seed, 2]).random((self.palette_size, 3), dtype=np.float32)
+        return spread_colours(np.random.default_rng([self.seed, 2]), self.palette_size)
 
     def class_folders(self) -> list[str]:
         return [f"{c:02d}_{SHAPES[c]}" for c in range(self.num_classes)]
+
+
+def spread_colours(rng: np.random.Generator, count: int, candidates: int = 512) -> np.ndarray:
+    """``count`` RGB colours ``(count, 3)`` in [0, 1], picked one by one from random candidates as the one
+    farthest from those already picked, so that no two palette entries look alike."""
+    pool = rng.random((candidates, 3), dtype=np.float32)
+    picked = [0]
+    distance = np.linalg.norm(pool - pool[0], axis=1)
+    for _ in range(count - 1):
+        picked.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(pool - pool[picked[-1]], axis=1))
+    return pool[picked]
 
 
 # -- one image in the three layouts ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -152,6 +153,11 @@ class SSLModule(pl.LightningModule):
         peak = hp.lr * (self.global_batch_size(batch) / 256 if hp.lr_scaling == "linear" else 1.0)
         final = peak * hp.min_lr_ratio if hp.min_lr_ratio is not None else hp.min_lr
         warmup = round(hp.warmup_epochs * self.steps_per_epoch)
+        if final > peak and not getattr(self, "_warned_min_lr", False):
+            self._warned_min_lr = True
+            warnings.warn(
+                f"min_lr ({final:g}) is above the peak learning rate ({peak:g} = lr x global batch / 256): the "
+                "'decay' raises the learning rate. Lower min_lr (it is absolute) or use min_lr_ratio", stacklevel=2)
         return StepSchedule(self.total_steps, warmup, peak, final, hp.weight_decay, hp.weight_decay_end)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -44,3 +44,23 @@ def test_style_palette_and_rotation_are_part_of_the_cache_key():
     keys = {SceneConfig().key(), SceneConfig(style="flat").key(), SceneConfig(palette_size=4).key(),
             SceneConfig(max_rotation=0.0).key()}
     assert len(keys) == 4
+
+
+@pytest.mark.parametrize("palette_size", [None, 4])
+def test_every_object_stands_out_from_the_background_around_it(palette_size):
+    palette = SceneConfig(palette_size=palette_size).palette()
+    for seed in range(40):
+        scene = render_scene(np.random.default_rng(seed), 48, 6, dominant=seed % 6, objects=(1, 2), noise=0.0,
+                             palette=palette, object_textures={"solid": 1.0}, background_textures={"solid": 1.0})
+        pixels = scene.image.reshape(-1, 3).astype(np.float32) / 255
+        background = pixels[scene.instances.ravel() == -1]
+        for obj in range(len(scene.classes)):
+            inside = pixels[scene.instances.ravel() == obj]
+            if len(inside) and len(background):
+                assert np.linalg.norm(inside.mean(0) - background.mean(0)) >= 0.3, (seed, obj)
+
+
+def test_palette_colours_are_far_apart():
+    palette = SceneConfig(palette_size=6).palette()
+    distances = np.linalg.norm(palette[:, None] - palette[None], axis=-1)[np.triu_indices(6, 1)]
+    assert distances.min() > 0.5

@@ -130,3 +130,9 @@ def test_bad_hyperparameters_are_rejected():
         ToyDistill(optimizer="adam")
     with pytest.raises(ValueError, match="EMA momentum"):
         ToyDistill(ema_momentum=1.5)
+
+
+def test_a_final_learning_rate_above_the_peak_warns():
+    # batch 4: peak = 0.256 * 4 / 256 = 0.004 < min_lr 0.01 (an absolute floor, as BAM's published 1e-3)
+    with pytest.warns(UserWarning, match="min_lr .* above the peak"):
+        fit(ToyDistill(lr=0.256, min_lr=0.01), max_epochs=1)
