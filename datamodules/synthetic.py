@@ -81,6 +81,8 @@ class SceneConfig:
     style: Literal["varied", "flat"] = "varied"
     palette_size: int | None = None
     max_rotation: float = 180.0
+    dominant_area: tuple[float, float] = (0.15, 0.35)
+    other_area: tuple[float, float] = (0.02, 0.06)
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -89,6 +91,10 @@ class SceneConfig:
             raise ValueError(f"palette_size={self.palette_size} must be at least 2 (or None for any colour)")
         if not 0.0 <= self.max_rotation <= 180.0:
             raise ValueError(f"max_rotation={self.max_rotation} must lie in [0, 180] degrees")
+        for name in ("dominant_area", "other_area"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(f"{name}={(low, high)} must be a range of image fractions with 0 < min <= max < 1")
         if not 2 <= self.num_classes <= len(SHAPES):
             raise ValueError(f"num_classes={self.num_classes} must lie in [2, {len(SHAPES)}] (the shapes {SHAPES})")
         if self.image_size < 16:
@@ -184,7 +190,8 @@ def _write_image(config: SceneConfig, folder: Path, split: str, index: int) -> d
     scene = render_scene(rng, config.image_size, config.num_classes, dominant=index % config.num_classes,
                          objects=config.objects, object_textures=object_textures,
                          background_textures=background_textures, palette=config.palette(),
-                         max_rotation=config.max_rotation)
+                         max_rotation=config.max_rotation, dominant_area=config.dominant_area,
+                         other_area=config.other_area)
     name, coco_split = _SPLITS[split]
     stem = f"{split}_{index:06d}"
     image_id = index + 1 + (0 if split == "train" else 10_000_000)
@@ -293,6 +300,9 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         palette_size: draw every colour (objects and backgrounds alike) from this many seeded colours;
             ``None``: any colour. Either way colour says nothing about the class.
         max_rotation: objects are rotated uniformly within +-``max_rotation`` degrees (180: any orientation).
+        dominant_area: range of the labelled (largest) object's area, as a fraction of the image; smaller
+            objects on a larger canvas move further, so raw pixels match less and learning must generalise.
+        other_area: range of the further objects' areas.
         seed: seed of the generator; the same parameters give the same bytes.
         generation_workers: processes that generate the data.
         views: the multi-crop transform or a preset name; a preset gets the crop sizes ``crop_sizes``.
@@ -313,6 +323,8 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         style: Literal["varied", "flat"] = "varied",
         palette_size: int | None = None,
         max_rotation: float = 180.0,
+        dominant_area: tuple[float, float] = (0.15, 0.35),
+        other_area: tuple[float, float] = (0.02, 0.06),
         seed: int = 0,
         generation_workers: int = 2,
         views: MultiCropViews | str = "cribo",
@@ -326,7 +338,7 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         if layout not in ("imagenet", "coco", "voc"):
             raise ValueError(f"layout={layout!r}; use 'imagenet', 'coco' or 'voc'")
         self.config = SceneConfig(image_size, num_object_classes, num_train, num_val, tuple(objects_per_image), seed,
-                                  style, palette_size, max_rotation)
+                                  style, palette_size, max_rotation, tuple(dominant_area), tuple(other_area))
         self.cache_root = Path(root).expanduser() if root is not None else default_cache_root()
         self.layout, self.generation_workers = layout, generation_workers
         self._loader_kwargs = dict(kwargs, views=self.views, eval_size=eval_size)

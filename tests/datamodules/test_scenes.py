@@ -34,7 +34,9 @@ def test_upright_objects_do_not_rotate():
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(style="busy"), "style"), (dict(palette_size=1), "palette_size"),
-                                             (dict(max_rotation=200.0), "max_rotation")])
+                                             (dict(max_rotation=200.0), "max_rotation"),
+                                             (dict(dominant_area=(0.3, 0.2)), "dominant_area"),
+                                             (dict(other_area=(0.0, 0.1)), "other_area")])
 def test_impossible_scene_parameters_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SceneConfig(**kwargs)
@@ -42,8 +44,8 @@ def test_impossible_scene_parameters_are_clear_errors(kwargs, message):
 
 def test_style_palette_and_rotation_are_part_of_the_cache_key():
     keys = {SceneConfig().key(), SceneConfig(style="flat").key(), SceneConfig(palette_size=4).key(),
-            SceneConfig(max_rotation=0.0).key()}
-    assert len(keys) == 4
+            SceneConfig(max_rotation=0.0).key(), SceneConfig(dominant_area=(0.1, 0.2)).key()}
+    assert len(keys) == 5
 
 
 @pytest.mark.parametrize("palette_size", [None, 4])
@@ -64,3 +66,15 @@ def test_palette_colours_are_far_apart():
     palette = SceneConfig(palette_size=6).palette()
     distances = np.linalg.norm(palette[:, None] - palette[None], axis=-1)[np.triu_indices(6, 1)]
     assert distances.min() > 0.5
+
+
+def test_generated_objects_cover_the_configured_share_of_the_image(tmp_path):
+    from PIL import Image
+
+    from datamodules.synthetic import generate_scenes
+    config = SceneConfig(image_size=64, num_classes=4, num_train=8, num_val=1, objects=(1, 1), dominant_area=(0.08, 0.12))
+    generate_scenes(config, tmp_path)
+    masks = sorted((tmp_path / "voc" / "VOC2012" / "SegmentationClass").glob("*.png"))
+    assert len(masks) == 9
+    for path in masks:
+        assert 0.07 <= (np.array(Image.open(path)) > 0).mean() <= 0.13
