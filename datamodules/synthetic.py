@@ -114,10 +114,18 @@ class SceneConfig:
         """The ``palette_size`` colours every scene draws from (seeded, far apart), or None for any colour."""
         if self.palette_size is None:
             return None
-        return spread_colours(np.random.default_rng([self.seed, 2]), self.palette_size)
+        return _seeded_palette(self.seed, self.palette_size)
 
     def class_folders(self) -> list[str]:
         return [f"{c:02d}_{SHAPES[c]}" for c in range(self.num_classes)]
+
+
+@functools.cache
+def _seeded_palette(seed: int, count: int) -> np.ndarray:
+    """Computed once per process: every image of a generation run asks for it."""
+    palette = spread_colours(np.random.default_rng([seed, 2]), count)
+    palette.flags.writeable = False
+    return palette
 
 
 def spread_colours(rng: np.random.Generator, count: int, candidates: int = 512) -> np.ndarray:
@@ -337,8 +345,10 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         super().__init__(views=views, eval_size=eval_size, **kwargs)
         if layout not in ("imagenet", "coco", "voc"):
             raise ValueError(f"layout={layout!r}; use 'imagenet', 'coco' or 'voc'")
-        self.config = SceneConfig(image_size, num_object_classes, num_train, num_val, tuple(objects_per_image), seed,
-                                  style, palette_size, max_rotation, tuple(dominant_area), tuple(other_area))
+        self.config = SceneConfig(image_size=image_size, num_classes=num_object_classes, num_train=num_train,
+                                  num_val=num_val, objects=tuple(objects_per_image), seed=seed, style=style,
+                                  palette_size=palette_size, max_rotation=max_rotation,
+                                  dominant_area=tuple(dominant_area), other_area=tuple(other_area))
         self.cache_root = Path(root).expanduser() if root is not None else default_cache_root()
         self.layout, self.generation_workers = layout, generation_workers
         self._loader_kwargs = dict(kwargs, views=self.views, eval_size=eval_size)

@@ -180,22 +180,18 @@ class Backbone(nn.Module):
 
     def _vit_features(self, images: Tensor) -> Features:
         tokens = self.model.forward_features(images)
-        grid = self.grid_size(*images.shape[-2:])
-        dense = tokens[:, self.num_prefix_tokens :]
-        if self.global_pool == "dense_mean":
-            return Features(dense.mean(dim=1), dense, grid)
-        return Features(self.model.forward_head(tokens, pre_logits=True), dense, grid)
+        return self._features(tokens, tokens[:, self.num_prefix_tokens :], self.grid_size(*images.shape[-2:]))
 
     def _cnn_features(self, images: Tensor) -> Features:
         maps = self.model.forward_features(images)
-        if self.global_pool == "cell_norm_mean":
-            normed = self.model.head.norm(maps)
-            dense = normed.flatten(2).transpose(1, 2)
-            return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
-        dense = maps.flatten(2).transpose(1, 2)
-        if self.global_pool == "dense_mean":
-            return Features(dense.mean(dim=1), dense, tuple(maps.shape[-2:]))
-        return Features(self.model.forward_head(maps, pre_logits=True), dense, tuple(maps.shape[-2:]))
+        cells = self.model.head.norm(maps) if self.global_pool == "cell_norm_mean" else maps
+        return self._features(maps, cells.flatten(2).transpose(1, 2), tuple(maps.shape[-2:]))
+
+    def _features(self, trunk_output: Tensor, dense: Tensor, grid: tuple[int, int]) -> Features:
+        """The global vector is the model's own pooling of the trunk's output, or the mean of the dense cells."""
+        if self.global_pool == "default":
+            return Features(self.model.forward_head(trunk_output, pre_logits=True), dense, grid)
+        return Features(dense.mean(dim=1), dense, grid)
 
     def load_official_weights(self, state_dict: dict[str, Tensor], prefixes: tuple[str, ...] = ()) -> None:
         """Load weights saved by a method's official code (their key layout, not timm's).
