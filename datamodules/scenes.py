@@ -122,20 +122,20 @@ def _texture(rng: np.random.Generator, size: int, scale: float, kinds: dict[str,
     """A random texture field in [0, 1], its kind drawn from ``kinds`` (name -> probability); ``scale``
     (pixels) sets the size of its pattern."""
     names = list(kinds)
-    kind = TEXTURES.index(names[rng.choice(len(names), p=np.array(list(kinds.values())) / sum(kinds.values()))])
-    if kind == 0:  # solid
+    kind = names[rng.choice(len(names), p=np.array(list(kinds.values())) / sum(kinds.values()))]
+    if kind == "solid":
         return np.zeros((size, size), np.float32)
-    if kind == 1:  # stripes, soft or hard
+    if kind == "stripes":  # soft or hard
         a, _ = _rotated(rng, size)
         wave = 0.5 + 0.5 * np.sin(2 * math.pi * a / (scale * rng.uniform(0.3, 1.0)) + rng.uniform(0, 2 * math.pi))
         return (wave > 0.5).astype(np.float32) if rng.random() < 0.5 else wave
-    if kind == 2:  # checker
+    if kind == "checker":
         a, b = _rotated(rng, size)
         cell = scale * rng.uniform(0.2, 0.6)
         return ((np.floor(a / cell) + np.floor(b / cell)) % 2).astype(np.float32)
-    if kind == 3:  # smooth noise
+    if kind == "noise":  # smooth value noise
         return _smooth_noise(rng, size, max(2, int(size / (scale * rng.uniform(0.3, 1.0)))))
-    if kind == 4:  # linear gradient
+    if kind == "gradient":  # linear
         a, _ = _rotated(rng, size)
         return np.clip((a - a.min()) / max(float(np.ptp(a)), 1e-6), 0, 1)
     a, b = _rotated(rng, size)  # dots
@@ -162,8 +162,11 @@ def _paint(rng: np.random.Generator, size: int, scale: float, kinds: dict[str, f
     """A textured RGB layer ``(size, size, 3)`` mixing two random colours (from ``palette`` if given, away
     from the colours in ``avoid``), and those two colours."""
     t = _texture(rng, size, scale, kinds)[..., None]
-    first, second = _colour(rng, palette, avoid), _colour(rng, palette, avoid)
-    return first + (second - first) * t, [first, second] if t.any() else [first]
+    first = _colour(rng, palette, avoid)
+    if not t.any():
+        return np.broadcast_to(first, (size, size, 3)), [first]
+    second = _colour(rng, palette, [*avoid, first])  # a pattern in one colour would be invisible
+    return first + (second - first) * t, [first, second]
 
 
 def _background(rng: np.random.Generator, size: int, kinds: dict[str, float], blob_p: float,
@@ -201,8 +204,9 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
                  objects: tuple[int, int] = (1, 3), dominant_area: tuple[float, float] = (0.15, 0.35),
                  other_area: tuple[float, float] = (0.02, 0.06), noise: float = 0.02,
                  object_textures: dict[str, float] | None = None, background_textures: dict[str, float] | None = None,
-                 blob_p: float = 0.1, palette: np.ndarray | None = None, max_rotation: float = 180.0) -> Scene:
-    """One scene: a large object of class ``dominant`` and further smaller objects of other classes.
+                 blob_p: float = 0.1, palette: np.ndarray | None = None, max_rotation: float = 180.0,
+                 dominant_copies: tuple[int, int] = (1, 1)) -> Scene:
+    """One scene: large objects of class ``dominant`` and further smaller objects of other classes.
 
     Areas are fractions of the image; objects are drawn in a random depth order, so they occlude each
     other, and the label is recomputed from the visible areas. ``noise`` is the standard deviation of the
@@ -210,19 +214,21 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
     ``(P, 3)`` restricts every colour (objects and background alike) to P colours; ``max_rotation`` (degrees)
     bounds the objects' random rotation (180: any orientation; 0: upright). Each object's colours keep
     ``MIN_CONTRAST`` from the background's and the earlier objects' colours where the palette allows, so no
-    object is invisible.
+    object is invisible. ``dominant_copies`` is the range of the number of ``dominant`` objects, each with
+    its own size, place, rotation and colours; the label is the class with the largest visible area.
     """
     object_textures = object_textures or OBJECT_TEXTURES
     background_textures = background_textures or BACKGROUND_TEXTURES
     count = int(rng.integers(objects[0], objects[1] + 1))
     count = min(count, num_classes)
+    copies = int(rng.integers(dominant_copies[0], dominant_copies[1] + 1))
     others = rng.permutation([c for c in range(num_classes) if c != dominant])[: count - 1]
-    classes = [dominant] + [int(c) for c in others]
+    classes = [dominant] * copies + [int(c) for c in others]
     image, used_colours = _background(rng, size, background_textures, blob_p, palette)
     instances = np.full((size, size), -1, np.int16)
     x, y = _grid(size)
-    for obj in rng.permutation(count):
-        area_range = dominant_area if obj == 0 else other_area
+    for obj in rng.permutation(len(classes)):
+        area_range = dominant_area if obj < copies else other_area
         name = SHAPES[classes[obj]]
         scale = math.sqrt(rng.uniform(*area_range) * size * size / _unit_area(name))  # pixels per unit
         margin = min(0.7 * scale, size / 2)
@@ -237,6 +243,6 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int, dominant
         image = np.where(inside[..., None], paint, image)
         instances[inside] = obj
     image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)
-    areas = np.bincount(instances.ravel() + 1, minlength=count + 1)[1:]
-    label = classes[int(np.argmax(areas))]
+    areas = np.bincount(instances.ravel() + 1, minlength=len(classes) + 1)[1:]
+    label = int(np.argmax(np.bincount(classes, weights=areas, minlength=num_classes)))
     return Scene(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), classes, instances, label)

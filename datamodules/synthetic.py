@@ -39,7 +39,7 @@ from .voc import VOCSegmentationDataModule
 
 __all__ = ["SyntheticScenesDataModule", "SceneConfig", "generate_scenes", "default_cache_root", "voc_palette"]
 
-GENERATOR_VERSION = 4  # bump when the rendering or the layouts change: it is part of the cache key
+GENERATOR_VERSION = 5  # bump when the rendering or the layouts change: it is part of the cache key
 # style -> (object textures, background textures); None: the renderer's defaults.
 STYLES: dict[str, tuple[dict[str, float] | None, dict[str, float] | None]] = {
     "varied": (None, None),  # patterned and smooth fills, every background texture
@@ -83,6 +83,7 @@ class SceneConfig:
     max_rotation: float = 180.0
     dominant_area: tuple[float, float] = (0.15, 0.35)
     other_area: tuple[float, float] = (0.02, 0.06)
+    dominant_copies: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -101,8 +102,10 @@ class SceneConfig:
             raise ValueError(f"image_size={self.image_size} is too small to draw shapes; use at least 16")
         if self.num_train < 1 or self.num_val < 1:
             raise ValueError(f"num_train={self.num_train} and num_val={self.num_val} must be at least 1")
-        if not 1 <= self.objects[0] <= self.objects[1]:
-            raise ValueError(f"objects={self.objects} must be a range (min, max) with 1 <= min <= max")
+        for name in ("objects", "dominant_copies"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{name}={(low, high)} must be a range (min, max) with 1 <= min <= max")
 
     def key(self) -> str:
         """A readable, unique folder name for these parameters."""
@@ -199,7 +202,7 @@ def _write_image(config: SceneConfig, folder: Path, split: str, index: int) -> d
                          objects=config.objects, object_textures=object_textures,
                          background_textures=background_textures, palette=config.palette(),
                          max_rotation=config.max_rotation, dominant_area=config.dominant_area,
-                         other_area=config.other_area)
+                         other_area=config.other_area, dominant_copies=config.dominant_copies)
     name, coco_split = _SPLITS[split]
     stem = f"{split}_{index:06d}"
     image_id = index + 1 + (0 if split == "train" else 10_000_000)
@@ -311,6 +314,9 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         dominant_area: range of the labelled (largest) object's area, as a fraction of the image; smaller
             objects on a larger canvas move further, so raw pixels match less and learning must generalise.
         other_area: range of the further objects' areas.
+        dominant_copies: range of the number of objects of the labelled class, each with its own place, size,
+            rotation and colours: with several, raw pixels rarely line up between two images of a class,
+            while a crop almost always shows one of them.
         seed: seed of the generator; the same parameters give the same bytes.
         generation_workers: processes that generate the data.
         views: the multi-crop transform or a preset name; a preset gets the crop sizes ``crop_sizes``.
@@ -333,6 +339,7 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         max_rotation: float = 180.0,
         dominant_area: tuple[float, float] = (0.15, 0.35),
         other_area: tuple[float, float] = (0.02, 0.06),
+        dominant_copies: tuple[int, int] = (1, 1),
         seed: int = 0,
         generation_workers: int = 2,
         views: MultiCropViews | str = "cribo",
@@ -348,7 +355,8 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         self.config = SceneConfig(image_size=image_size, num_classes=num_object_classes, num_train=num_train,
                                   num_val=num_val, objects=tuple(objects_per_image), seed=seed, style=style,
                                   palette_size=palette_size, max_rotation=max_rotation,
-                                  dominant_area=tuple(dominant_area), other_area=tuple(other_area))
+                                  dominant_area=tuple(dominant_area), other_area=tuple(other_area),
+                                  dominant_copies=tuple(dominant_copies))
         self.cache_root = Path(root).expanduser() if root is not None else default_cache_root()
         self.layout, self.generation_workers = layout, generation_workers
         self._loader_kwargs = dict(kwargs, views=self.views, eval_size=eval_size)

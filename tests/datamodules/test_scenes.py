@@ -55,11 +55,12 @@ def test_every_object_stands_out_from_the_background_around_it(palette_size):
         scene = render_scene(np.random.default_rng(seed), 48, 6, dominant=seed % 6, objects=(1, 2), noise=0.0,
                              palette=palette, object_textures={"solid": 1.0}, background_textures={"solid": 1.0})
         pixels = scene.image.reshape(-1, 3).astype(np.float32) / 255
-        background = pixels[scene.instances.ravel() == -1]
+        background_colours = np.unique(pixels[scene.instances.ravel() == -1], axis=0)  # one or two (blobs)
         for obj in range(len(scene.classes)):
             inside = pixels[scene.instances.ravel() == obj]
-            if len(inside) and len(background):
-                assert np.linalg.norm(inside.mean(0) - background.mean(0)) >= 0.3, (seed, obj)
+            if len(inside) and len(background_colours):
+                distances = np.linalg.norm(background_colours - inside.mean(0), axis=1)
+                assert distances.min() >= 0.3, (seed, obj)
 
 
 def test_palette_colours_are_far_apart():
@@ -78,3 +79,38 @@ def test_generated_objects_cover_the_configured_share_of_the_image(tmp_path):
     assert len(masks) == 9
     for path in masks:
         assert 0.07 <= (np.array(Image.open(path)) > 0).mean() <= 0.13
+
+
+def test_several_copies_of_the_labelled_class_each_get_their_own_place():
+    for seed in range(10):
+        scene = render_scene(np.random.default_rng(seed), 64, 6, dominant=3, objects=(2, 2), dominant_copies=(3, 3),
+                             dominant_area=(0.04, 0.06), other_area=(0.01, 0.02), noise=0.0)
+        assert scene.classes[:3] == [3, 3, 3] and scene.classes[3] != 3
+        assert scene.label == 3
+        centres = [np.argwhere(scene.instances == obj).mean(0) for obj in range(3) if (scene.instances == obj).any()]
+        assert len(centres) >= 2
+        assert min(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]) > 0
+
+
+def test_the_label_is_the_class_with_the_largest_visible_area_over_its_copies():
+    for seed in range(20):
+        scene = render_scene(np.random.default_rng(seed), 48, 6, dominant=0, objects=(2, 3), dominant_copies=(1, 3),
+                             noise=0.0)
+        areas = np.bincount(scene.instances.ravel() + 1, minlength=len(scene.classes) + 1)[1:]
+        per_class = np.bincount(scene.classes, weights=areas, minlength=6)
+        assert scene.label == int(np.argmax(per_class))
+
+
+def test_a_patterned_fill_always_shows_two_colours():
+    palette = SceneConfig(palette_size=3).palette()
+    for seed in range(20):
+        scene = render_scene(np.random.default_rng(seed), 48, 6, dominant=0, objects=(1, 1), noise=0.0, palette=palette,
+                             object_textures={"checker": 1.0}, background_textures={"solid": 1.0})
+        inside = scene.image[scene.instances == 0]
+        assert len(np.unique(inside, axis=0)) >= 2, seed
+
+
+def test_dominant_copies_are_validated_and_part_of_the_cache_key():
+    with pytest.raises(ValueError, match="dominant_copies"):
+        SceneConfig(dominant_copies=(0, 2))
+    assert SceneConfig(dominant_copies=(2, 3)).key() != SceneConfig().key()
