@@ -4,12 +4,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 
@@ -155,9 +155,9 @@ class SSLModule(pl.LightningModule):
         warmup = round(hp.warmup_epochs * self.steps_per_epoch)
         if final > peak and not getattr(self, "_warned_min_lr", False):
             self._warned_min_lr = True
-            warnings.warn(
+            rank_zero_warn(  # once, on one process: every process computes the same schedule
                 f"min_lr ({final:g}) is above the peak learning rate ({peak:g} = lr x global batch / 256): the "
-                "'decay' raises the learning rate. Lower min_lr (it is absolute) or use min_lr_ratio", stacklevel=2)
+                "'decay' raises the learning rate. Lower min_lr (it is absolute) or use min_lr_ratio")
         return StepSchedule(self.total_steps, warmup, peak, final, hp.weight_decay, hp.weight_decay_end)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
