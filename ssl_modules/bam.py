@@ -22,7 +22,9 @@ from .base import SSLModule, upcast
 from .contrastive_crop import ContrastiveCrop
 from .functional import bam_loss
 from .heads import MLP
-from .mixins import MultiCrop, TeacherEMA
+from .mixins import TeacherEMA, encode_views
+from .ranges import check_ranges
+from .schedules import RunPlan, Schedule, linspace_ramp
 
 __all__ = ["BAM"]
 
@@ -32,7 +34,7 @@ def _row_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1).mean()
 
 
-class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
+class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
     """BAM as a LightningModule. Defaults are the published ViT-S/16 recipe.
 
     Args:
@@ -65,7 +67,12 @@ class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
         **kwargs: :class:`~ssl_modules.SSLModule` arguments. Defaults: AdamW, base lr 3e-4 per 256 images,
             absolute final lr 1e-3, 40 warm-up epochs, weight decay cosine 0.04 -> 0.4, gradient clipping
             0.3 (global norm). For ResNet-50: ``optimizer="lars"``, ``projector_activation="relu"``.
+
+    Schedules (``docs/schedules.md``): the LR warm-up is numpy's ``linspace(0, peak, W)`` (official); the
+    teacher is updated before its forward of iteration ``i`` with ``m[i]`` (official).
     """
+
+    lr_warmup = "linspace"
 
     def __init__(
         self,
@@ -101,8 +108,13 @@ class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
     ) -> None:
         if num_global_crops < 1 or (num_target_crops is not None and num_target_crops < 1):
             raise ValueError("num_global_crops and num_target_crops must be >= 1")
-        if softmax_temperature <= 0 or sinkhorn_temperature <= 0 or num_sinkhorn_iters < 0:
-            raise ValueError("temperatures must be > 0 and num_sinkhorn_iters >= 0")
+        check_ranges(type(self), [
+            ("ema_momentum", ema_momentum, "in [0, 1]"), ("softmax_temperature", softmax_temperature, "> 0"),
+            ("sinkhorn_temperature", sinkhorn_temperature, "> 0"),
+            ("sinkhorn_temperature_final", sinkhorn_temperature_final, "> 0"),
+            ("sinkhorn_warmup_epochs", sinkhorn_warmup_epochs, ">= 0"), ("num_sinkhorn_iters", num_sinkhorn_iters, ">= 0"),
+            ("top_k", top_k, ">= 0"),
+        ])
         for value in (sinkhorn_temperature, sinkhorn_temperature_final):
             if value is not None and value >= softmax_temperature:
                 warnings.warn(
@@ -117,7 +129,7 @@ class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
             last_norm="batch_nonaffine" if projector_last_bn else "none", init="trunc_normal",
         )
         if teacher:
-            self.init_teacher(["backbone", "projector"], ema_momentum)
+            self.init_teacher(["backbone", "projector"], ema_momentum, update="before_forward")
         if contrastive_crop:
             self.init_contrastive_crop(ccrop_alpha, ccrop_box_threshold, ccrop_interval,
                                        warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
@@ -127,18 +139,34 @@ class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
         return Backbone(name, mocov3_vit=mocov3, **kwargs)
 
     # ----------------------------------------------------------------------------------- schedules
-    def sinkhorn_temperature(self) -> float:
-        """The Sinkhorn temperature of the current epoch (linear ramp, then constant)."""
+    def declare_schedules(self, plan: RunPlan) -> dict[str, Schedule]:
+        """LR (numpy-linspace warm-up, cosine), WD and EMA momentum (cosines, per step; the teacher moves
+        before its forward), and the Sinkhorn temperature per epoch: official
+        ``linspace(sinkhorn_temperature, sinkhorn_temperature_final, sinkhorn_warmup_epochs)[epoch]``, then
+        the final value (constant when no final value is given)."""
         hp = self.hparams
-        if hp.sinkhorn_temperature_final is None or self._trainer is None:
-            return hp.sinkhorn_temperature
-        progress = min(self.current_epoch / max(hp.sinkhorn_warmup_epochs, 1), 1.0)
-        return hp.sinkhorn_temperature + (hp.sinkhorn_temperature_final - hp.sinkhorn_temperature) * progress
+        schedules = super().declare_schedules(plan)
+        start = hp.sinkhorn_temperature
+        end = start if hp.sinkhorn_temperature_final is None else hp.sinkhorn_temperature_final
+        ramp = hp.sinkhorn_warmup_epochs
+        schedules["sinkhorn_temperature"] = lambda step: linspace_ramp(plan.epoch(step), start, end, ramp)
+        return schedules
+
+    def declare_warmups(self, plan: RunPlan) -> dict[str, int]:
+        warmups = super().declare_warmups(plan)
+        if self.hparams.sinkhorn_temperature_final is not None:
+            description = f"sinkhorn_warmup_epochs={self.hparams.sinkhorn_warmup_epochs} (Sinkhorn-temperature ramp)"
+            warmups[description] = plan.steps(self.hparams.sinkhorn_warmup_epochs)
+        return warmups
+
+    def sinkhorn_temperature(self) -> float:
+        """The Sinkhorn temperature of the current step."""
+        return self.scheduled("sinkhorn_temperature")
 
     # ---------------------------------------------------------------------------------------- step
     def project(self, backbone: Backbone, projector: MLP, crops: list[Tensor]) -> list[Tensor]:
         """Encode the crops (one call per resolution) and project all of them in one call."""
-        feats = self.encode_views(lambda x: self.encode(backbone, x), crops)
+        feats = encode_views(lambda x: self.encode(backbone, x), crops)
         return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops)))
 
     def training_step(self, views, batch_idx: int) -> Tensor:

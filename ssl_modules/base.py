@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,9 +17,12 @@ from torch import Tensor, nn
 from . import distributed
 from .backbones import Backbone, Features
 from .optim import OPTIMIZERS, build_optimizer, parameter_groups
-from .schedules import StepSchedule
+from .ranges import check_ranges
+from .schedules import RunPlan, Schedule, WarmupFormula, cosine, warmup_cosine
 
 __all__ = ["SSLModule"]
+
+_UNBOUNDED_STEPS = 2**62  # the nominal length of a run outside fit: schedules stay at their start values
 
 
 def _batch_size(batch: Any) -> int:
@@ -60,7 +64,13 @@ class SSLModule(pl.LightningModule):
         clip_grad_mode: ``"global_norm"`` (one norm over all parameters) or ``"per_parameter"`` (every
             parameter's gradient clipped to the threshold on its own, as DINO and CrIBo do).
         channels_last: run CNN backbones in channels-last memory format (faster on GPUs).
+
+    Class attribute ``lr_warmup`` is the method's warm-up formula (``"fraction"``: ``peak * i / W``;
+    ``"linspace"``: ``peak * i / (W - 1)``, numpy's linspace as DINO-family code uses), see
+    ``docs/schedules.md``.
     """
+
+    lr_warmup: ClassVar[WarmupFormula] = "fraction"
 
     def __init__(
         self,
@@ -85,12 +95,18 @@ class SSLModule(pl.LightningModule):
         self.save_hyperparameters()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if lr <= 0 or min_lr < 0 or warmup_epochs < 0 or weight_decay < 0:
-            raise ValueError("lr must be > 0 and min_lr, warmup_epochs, weight_decay >= 0")
+        check_ranges(type(self), [
+            ("lr", lr, "> 0"), ("min_lr", min_lr, ">= 0"), ("min_lr_ratio", min_lr_ratio, "in [0, 1]"),
+            ("warmup_epochs", warmup_epochs, ">= 0"), ("weight_decay", weight_decay, ">= 0"),
+            ("weight_decay_end", weight_decay_end, ">= 0"), ("momentum", momentum, "in [0, 1)"),
+            ("betas", betas, "in [0, 1)"), ("lars_eta", lars_eta, "> 0"), ("clip_grad", clip_grad, ">= 0"),
+        ])
         if clip_grad_mode not in ("global_norm", "per_parameter"):
             raise ValueError(f"clip_grad_mode must be 'global_norm' or 'per_parameter', got {clip_grad_mode!r}")
         self.backbone = self.build_backbone(backbone, dict(backbone_kwargs or {}))
         self.channels_last = channels_last and not self.backbone.is_vit
+        self._schedules: dict[str, Schedule] | None = None  # declared at the first training batch of a fit
+        self._schedule_values: dict[str, float] = {}  # the values applied to the current step
 
     # ----------------------------------------------------------------------------------------- parts
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
@@ -99,10 +115,8 @@ class SSLModule(pl.LightningModule):
 
     @property
     def embedding_backbone(self) -> Backbone:
-        """The backbone whose features probes and exports use: the teacher's when there is one."""
-        teacher = getattr(self, "teacher", None)
-        if isinstance(teacher, nn.ModuleDict) and "backbone" in teacher:
-            return teacher["backbone"]
+        """The backbone whose features probes and exports use: the student's here; a method with a teacher
+        (:class:`~ssl_modules.mixins.TeacherEMA`) gives the teacher's."""
         return self.backbone
 
     def encode(self, backbone: Backbone, images: Tensor) -> Features:
@@ -134,51 +148,146 @@ class SSLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------ schedules
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (Lightning's estimate from max_epochs/max_steps)."""
-        return max(int(self.trainer.estimated_stepping_batches), 1)
+        """Optimizer steps of the whole run: Lightning's estimate, ``min(max_steps, max_epochs * steps_per_epoch)``."""
+        estimate = self.trainer.estimated_stepping_batches
+        if math.isinf(estimate):
+            raise ValueError("the schedules need a run of known length: set Trainer(max_epochs=...) or max_steps")
+        return max(int(estimate), 1)
 
     @property
-    def steps_per_epoch(self) -> float:
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is None or max_epochs < 1:
-            return float(self.trainer.num_training_batches) / max(self.trainer.accumulate_grad_batches, 1)
-        return self.total_steps / max_epochs
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, from the real number of training batches per epoch
+        (``ceil(num_training_batches / accumulate_grad_batches)``, as Lightning steps), whether or not
+        ``max_steps`` binds. For a loader without a length: ``total_steps / max_epochs``."""
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches):
+            epochs = self.trainer.max_epochs
+            return max(self.total_steps // epochs if epochs and epochs > 0 else self.total_steps, 1)
+        return max(math.ceil(batches / max(self.trainer.accumulate_grad_batches, 1)), 1)
 
     def global_batch_size(self, batch: Any) -> int:
         """Images per optimizer step over all processes."""
         return _batch_size(batch) * distributed.world_size() * self.trainer.accumulate_grad_batches
 
-    def schedule(self, batch: Any) -> StepSchedule:
+    def run_plan(self, batch: Any = None) -> RunPlan:
+        """The run's length (and, given a training batch, its global batch size) for the schedules.
+
+        Outside ``fit`` (no trainer, or a trainer that has not set up its training data) the plan is
+        nominal: one step per epoch, ``max_epochs`` steps (unbounded without a trainer), batch 256, so that
+        every schedule gives its start value at step 0.
+        """
+        batch_size = 256 if batch is None else self.global_batch_size(batch)
+        if self._trainer is None:
+            return RunPlan(_UNBOUNDED_STEPS, 1, batch_size)
+        if math.isinf(self.trainer.num_training_batches):
+            epochs, steps = self.trainer.max_epochs, self.trainer.max_steps
+            total = epochs if epochs and epochs > 0 else (steps if steps and steps > 0 else _UNBOUNDED_STEPS)
+            return RunPlan(total, 1, batch_size)
+        return RunPlan(self.total_steps, self.steps_per_epoch, batch_size)
+
+    def lr_warmup_steps(self, plan: RunPlan) -> int:
+        """Optimizer steps of the learning-rate warm-up (``warmup_epochs`` converted with the real epoch)."""
+        return plan.steps(self.hparams.warmup_epochs)
+
+    def peak_lr(self, plan: RunPlan) -> float:
+        """``lr * global_batch / 256`` with linear scaling, else ``lr``."""
         hp = self.hparams
-        peak = hp.lr * (self.global_batch_size(batch) / 256 if hp.lr_scaling == "linear" else 1.0)
+        return hp.lr * (plan.global_batch_size / 256 if hp.lr_scaling == "linear" else 1.0)
+
+    def declare_schedules(self, plan: RunPlan) -> dict[str, Schedule]:
+        """Every schedule of the method, ``name -> (optimizer step -> value)``, built once per fit.
+
+        The base declares ``lr`` (linear warm-up from 0 with the method's ``lr_warmup`` formula, then a
+        half-cosine to the final LR) and ``weight_decay`` (half-cosine from ``weight_decay`` to
+        ``weight_decay_end``, or constant). Methods extend the dict (``super().declare_schedules(plan)``);
+        :meth:`on_train_batch_start` applies the learning rates and weight decay to the optimizer groups
+        (each group's ``lr_schedule`` names its LR schedule), logs every value as ``schedule/<name>``, and
+        :meth:`scheduled` gives the current value to the training step.
+        """
+        hp = self.hparams
+        peak, total, warmup = self.peak_lr(plan), plan.total_steps, self.lr_warmup_steps(plan)
         final = peak * hp.min_lr_ratio if hp.min_lr_ratio is not None else hp.min_lr
-        warmup = round(hp.warmup_epochs * self.steps_per_epoch)
-        if final > peak and not getattr(self, "_warned_min_lr", False):
-            self._warned_min_lr = True
-            rank_zero_warn(  # once, on one process: every process computes the same schedule
-                f"min_lr ({final:g}) is above the peak learning rate ({peak:g} = lr x global batch / 256): the "
-                "'decay' raises the learning rate. Lower min_lr (it is absolute) or use min_lr_ratio")
-        return StepSchedule(self.total_steps, warmup, peak, final, hp.weight_decay, hp.weight_decay_end)
+        wd_start = hp.weight_decay
+        wd_end = wd_start if hp.weight_decay_end is None else hp.weight_decay_end
+        formula = self.lr_warmup
+        return {
+            "lr": lambda step: warmup_cosine(step, total, warmup, peak, final, formula=formula),
+            "weight_decay": lambda step: cosine(step, total, wd_start, wd_end),
+        }
+
+    def declare_warmups(self, plan: RunPlan) -> dict[str, int]:
+        """Warm-ups and delays of the method in optimizer steps, ``description -> steps``: a warning at the
+        start of fit names each one that is longer than the run."""
+        return {f"warmup_epochs={self.hparams.warmup_epochs:g} (learning-rate warm-up)": self.lr_warmup_steps(plan)}
+
+    def scheduled(self, name: str) -> float:
+        """The value of schedule ``name`` at the current optimizer step.
+
+        During fit, the value :meth:`on_train_batch_start` applied to this step; outside fit, the schedule
+        evaluated on :meth:`run_plan` at the trainer's step (0 without a trainer).
+        """
+        if name in self._schedule_values:
+            return self._schedule_values[name]
+        schedules = self._schedules if self._schedules is not None else self.declare_schedules(self.run_plan())
+        if name not in schedules:
+            raise KeyError(f"{type(self).__name__} declares no schedule {name!r}; it has {sorted(schedules)}")
+        return schedules[name](self.trainer.global_step if self._trainer is not None else 0)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._schedules, self._schedule_values = None, {}
+        plan = self.run_plan()
+        for description, steps in self.declare_warmups(plan).items():
+            if steps > plan.total_steps:
+                rank_zero_warn(
+                    f"{type(self).__name__}: {description} lasts {steps} optimizer steps, longer than the run "
+                    f"({plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:g} epochs of "
+                    f"{plan.steps_per_epoch} steps): it never completes. Shorten it or train longer")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        schedule = self.schedule(batch)
+        """The one schedule hook: evaluate every declared schedule at the optimizer step, apply the learning
+        rates and the weight decay to the optimizer groups, and log every value as ``schedule/<name>``."""
+        super().on_train_batch_start(batch, batch_idx)
+        if self._schedules is None:
+            plan = self.run_plan(batch)
+            self._schedules = self.declare_schedules(plan)
+            self._warn_if_final_lr_above_peak(plan)
         step = self.trainer.global_step
-        lr, wd = schedule.lr(step), schedule.wd(step)
+        self._schedule_values = {name: float(schedule(step)) for name, schedule in self._schedules.items()}
+        self.apply_schedules(self._schedule_values)
+        self.log_dict({f"schedule/{k}": v for k, v in self._schedule_values.items()}, on_step=True, on_epoch=False)
+
+    def apply_schedules(self, values: Mapping[str, float]) -> None:
+        """Each optimizer group's LR from the schedule its ``lr_schedule`` names (``"lr"`` when it has none);
+        the decayed groups' weight decay from ``weight_decay``."""
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                group["lr"] = values[group.get("lr_schedule", "lr")]
                 if group.get("decayed", False):
-                    group["weight_decay"] = wd
-        self.log_dict({"schedule/lr": lr, "schedule/weight_decay": wd}, on_step=True, on_epoch=False)
+                    group["weight_decay"] = values["weight_decay"]
+
+    def _warn_if_final_lr_above_peak(self, plan: RunPlan) -> None:
+        hp = self.hparams
+        peak = self.peak_lr(plan)
+        final = peak * hp.min_lr_ratio if hp.min_lr_ratio is not None else hp.min_lr
+        if final > peak:
+            rank_zero_warn(  # on one process: every process computes the same schedule
+                f"min_lr ({final:g}) is above the peak learning rate ({peak:g} = lr x global batch / 256): the "
+                "'decay' raises the learning rate. Lower min_lr (it is absolute) or use min_lr_ratio")
 
     # ------------------------------------------------------------------------------------ optimizer
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The student's trainable parameters (the teacher is frozen, probes have their own optimizers)."""
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
+        """The trainable parameters (a teacher is frozen, probes have their own optimizers)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def lr_schedule_groups(self) -> dict[str, Callable[[str], bool]]:
+        """Parameters whose learning rate follows a schedule of their own: ``schedule name -> accepts(name)``
+        (CrIBo's prototype layers follow ``last_layer_lr``); the others follow ``lr``."""
+        return {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay)
+        groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay, self.lr_schedule_groups())
         return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas), eta=hp.lars_eta)
 
     def configure_gradient_clipping(

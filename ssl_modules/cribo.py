@@ -26,7 +26,9 @@ from .functional import (
     object_representations,
 )
 from .heads import DINOHead, NormalizedLinear
-from .mixins import LocalMatching, MultiCrop, TeacherEMA
+from .mixins import TeacherEMA, cell_locations, encode_views
+from .ranges import check_ranges
+from .schedules import RunPlan, Schedule, linspace_ramp
 
 __all__ = ["CrIBo", "CrIBoHead"]
 
@@ -44,16 +46,7 @@ class CrIBoHead(DINOHead):
         return self.last_layer_c(self.bottleneck(x))
 
 
-def _epoch_warmup(epoch: int, start: float, end: float, warmup_epochs: int, max_epochs: int | None) -> float:
-    """Official per-epoch teacher-temperature ramp: ``linspace(start, end, W)[epoch]``, then ``end``."""
-    if max_epochs is not None and max_epochs <= 2:
-        return end
-    if epoch >= warmup_epochs or warmup_epochs <= 1:
-        return end
-    return start + (end - start) * epoch / (warmup_epochs - 1)
-
-
-class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
+class CrIBo(TeacherEMA, SSLModule):
     """CrIBo as a LightningModule. Defaults are the released ViT-S/16 ImageNet recipe.
 
     Args:
@@ -91,7 +84,12 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         **kwargs: :class:`~ssl_modules.SSLModule` arguments. Defaults: AdamW, base lr 5e-4 per 256 images,
             final lr 1e-5, 10 warm-up epochs, weight decay cosine 0.04 -> 0.4, no clipping (ViT-B: per-
             parameter clipping at 0.3), student drop path 0.1.
+
+    Schedules (``docs/schedules.md``): the LR warm-up is numpy's ``linspace(0, peak, W)`` (official), and a
+    run of at most 2 epochs has neither the LR nor the teacher-temperature warm-up (official).
     """
+
+    lr_warmup = "linspace"
 
     def __init__(
         self,
@@ -135,6 +133,18 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
     ) -> None:
         if num_clusters < 1 or queue_size < 1:
             raise ValueError("num_clusters and queue_size must be >= 1")
+        check_ranges(type(self), [
+            ("ema_momentum", ema_momentum, "in [0, 1]"), ("teacher_temp", teacher_temp, "> 0"),
+            ("warmup_teacher_temp", warmup_teacher_temp, "> 0"), ("object_teacher_temp", object_teacher_temp, "> 0"),
+            ("warmup_object_teacher_temp", warmup_object_teacher_temp, "> 0"), ("student_temp", student_temp, "> 0"),
+            ("object_student_temp", object_student_temp, "> 0"), ("center_momentum", center_momentum, "in [0, 1)"),
+            ("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, ">= 0"),
+            ("freeze_last_layer_epochs", freeze_last_layer_epochs, ">= 0"),
+            ("cross_image_start_epoch", cross_image_start_epoch, ">= 0"), ("pos_weight", pos_weight, ">= 0"),
+            ("cluster_iterations", cluster_iterations, ">= 1"),
+            ("cluster_sinkhorn_iterations", cluster_sinkhorn_iterations, ">= 0"),
+            ("cluster_sinkhorn_lambda", cluster_sinkhorn_lambda, "> 0"),
+        ])
         if local_group_size is not None and local_group_size < 1:
             raise ValueError(f"local_group_size must be >= 1 or None, got {local_group_size}")
         backbone_kwargs = {"drop_path_rate": 0.1, **(backbone_kwargs or {})}
@@ -154,18 +164,62 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         self.register_buffer("bank_counts", torch.full((queue_size,), num_clusters, dtype=torch.long))
 
     # ----------------------------------------------------------------------------------- schedules
-    def temperatures(self) -> tuple[float, float]:
-        """Teacher temperatures of the global and the object head at the current epoch."""
-        hp, epoch = self.hparams, self.current_epoch
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        return (
-            _epoch_warmup(epoch, hp.warmup_teacher_temp, hp.teacher_temp, hp.warmup_teacher_temp_epochs, max_epochs),
-            _epoch_warmup(epoch, hp.warmup_object_teacher_temp, hp.object_teacher_temp,
-                          hp.warmup_teacher_temp_epochs, max_epochs),
-        )
+    def warmups_disabled(self, plan: RunPlan) -> bool:
+        """Official: a run of at most 2 epochs has no LR and no teacher-temperature warm-up."""
+        return plan.epochs <= 2
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Both prototype layers get no update during the first ``freeze_last_layer_epochs`` epochs."""
+    def lr_warmup_steps(self, plan: RunPlan) -> int:
+        return 0 if self.warmups_disabled(plan) else super().lr_warmup_steps(plan)
+
+    def temperature_warmup_epochs(self, plan: RunPlan) -> int:
+        """Epochs of the teacher-temperature ramps (0 for runs of at most 2 epochs)."""
+        return 0 if self.warmups_disabled(plan) else self.hparams.warmup_teacher_temp_epochs
+
+    def declare_schedules(self, plan: RunPlan) -> dict[str, Schedule]:
+        """LR (numpy-linspace warm-up, cosine), WD and EMA momentum (cosines, per step); per epoch: both
+        teacher temperatures (``linspace(warmup_temp, temp, W)[epoch]``, then ``temp``), the prototype
+        layers' LR (0 during the first ``freeze_last_layer_epochs``, then ``lr``), the cross-image loss
+        switch (1 from ``cross_image_start_epoch`` on)."""
+        hp = self.hparams
+        schedules = super().declare_schedules(plan)
+        lr, ramp = schedules["lr"], self.temperature_warmup_epochs(plan)
+
+        def temperature(start: float, end: float) -> Schedule:
+            return lambda step: linspace_ramp(plan.epoch(step), start, end, ramp)
+
+        schedules.update({
+            "teacher_temp": temperature(hp.warmup_teacher_temp, hp.teacher_temp),
+            "object_teacher_temp": temperature(hp.warmup_object_teacher_temp, hp.object_teacher_temp),
+            "last_layer_lr": lambda step: 0.0 if plan.epoch(step) < hp.freeze_last_layer_epochs else lr(step),
+            "cross_image": lambda step: float(plan.epoch(step) >= hp.cross_image_start_epoch),
+        })
+        return schedules
+
+    def declare_warmups(self, plan: RunPlan) -> dict[str, int]:
+        hp = self.hparams
+        return {
+            **super().declare_warmups(plan),
+            f"warmup_teacher_temp_epochs={hp.warmup_teacher_temp_epochs} (teacher-temperature warm-up)":
+                plan.steps(self.temperature_warmup_epochs(plan)),
+            f"freeze_last_layer_epochs={hp.freeze_last_layer_epochs} (frozen prototype layers)":
+                plan.steps(hp.freeze_last_layer_epochs),
+            f"cross_image_start_epoch={hp.cross_image_start_epoch} (no cross-image loss before it)":
+                plan.steps(hp.cross_image_start_epoch),
+        }
+
+    def temperatures(self) -> tuple[float, float]:
+        """Teacher temperatures of the global and the object head at the current step."""
+        return self.scheduled("teacher_temp"), self.scheduled("object_teacher_temp")
+
+    def lr_schedule_groups(self) -> dict:
+        """Both prototype layers (``last_layer``, ``last_layer_c``) follow ``last_layer_lr`` (as dinov2)."""
+        return {"last_layer_lr": lambda name: name.startswith("head.") and "last_layer" in name}
+
+    def on_after_backward(self) -> None:
+        """During the freeze, drop the prototype layers' gradients right after backward, before a grad
+        scaler unscales and checks them (official ``cancel_gradients_last_layer``): AdamW then skips
+        them (no moment update, no decay) and fp16 overflow in them cannot make the scaler skip a step."""
+        super().on_after_backward()
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for name, param in self.head.named_parameters():
                 if "last_layer" in name:
@@ -202,7 +256,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
 
     def patch_positions(self, views, feats: list[Features]) -> list[Tensor]:
         """Seed-image pixel centre of every patch of the two global views (flips followed)."""
-        return [self.cell_locations(views, v, feats[v].grid, flip_aware=True) for v in (0, 1)]
+        return [cell_locations(views, v, feats[v].grid, flip_aware=True) for v in (0, 1)]
 
     def cluster(self, views, teacher_feats: list[Features]) -> Tensor:
         """Joint-space clustering of the teacher's patch tokens of both views -> labels ``(2, B, N)``."""
@@ -242,7 +296,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         hp = self.hparams
         batch, clusters = views.batch_size, hp.num_clusters
         with torch.no_grad():
-            teacher_feats = self.encode_views(lambda x: self.encode(self.teacher["backbone"], x), views.crops[:2])
+            teacher_feats = encode_views(lambda x: self.encode(self.teacher["backbone"], x), views.crops[:2])
             self._check_batch(views, teacher_feats[0])
             teacher_global = [self.teacher["head"](f.global_) for f in teacher_feats]
             labels = self.cluster(views, teacher_feats)
@@ -253,7 +307,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
             teacher_objects = self.teacher["head"].objects(teacher["objects"].reshape(2, batch * clusters, -1))
             neighbour_objects = self.teacher["head"].objects(neighbours["neighbours"].to(teacher_objects.dtype))
 
-        student_feats = self.encode_views(self.forward, views.crops)
+        student_feats = encode_views(self.forward, views.crops)
         student_global = [self.head(f.global_) for f in student_feats]
         student = object_representations([f.dense for f in student_feats[:2]], labels, clusters)["objects"]
         student_objects = self.head.objects(student.reshape(2, batch * clusters, -1))
@@ -275,7 +329,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         temp, object_temp = self.temperatures()
         batch, clusters = valid.shape
         size = self.group_size(batch)
-        cross_image = self.current_epoch >= hp.cross_image_start_epoch
+        cross_image = self.scheduled("cross_image") > 0
         terms = []
         with torch.autocast(self.device.type, enabled=False):
             for start in range(0, batch, size):
@@ -313,7 +367,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
                              flipped=views.flipped[:count, :2], image_size=views.image_size[:count],
                              label=views.label[:count], index=views.index[:count])
         with self.evaluating():
-            feats = self.encode_views(lambda x: self.encode(self.teacher["backbone"], x), sub.crops)
+            feats = encode_views(lambda x: self.encode(self.teacher["backbone"], x), sub.crops)
         old_group = self.hparams.local_group_size
         self.hparams.local_group_size = None
         try:

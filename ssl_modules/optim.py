@@ -6,7 +6,7 @@ tiny, but the official rule is ten lines and exact.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -72,21 +72,36 @@ def _is_decayed(name: str, param: nn.Parameter) -> bool:
     return param.ndim > 1 and not name.endswith(".bias")
 
 
-def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two groups of the trainable parameters: decayed (``ndim > 1``, not a bias) and not decayed.
+def parameter_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr_schedules: Mapping[str, Callable[[str], bool]] | None = None,
+) -> list[dict]:
+    """Groups of the trainable parameters: decayed (``ndim > 1``, not a bias) and not decayed, per LR schedule.
 
-    Each group carries ``decayed`` (bool) so that a weight-decay schedule knows which to change, and
-    ``lars_exclude`` for LARS.
+    Every group carries ``decayed`` (bool) so that a weight-decay schedule knows which to change,
+    ``lars_exclude`` for LARS, and ``lr_schedule``: the name of the schedule its learning rate follows
+    (``"lr"``, or the first name of ``lr_schedules`` whose predicate accepts the parameter's name; e.g.
+    CrIBo's ``{"last_layer_lr": lambda n: "last_layer" in n}``). ``name`` is ``<schedule>/decay`` or
+    ``<schedule>/no_decay``.
     """
-    decayed, not_decayed = [], []
+    selectors = dict(lr_schedules or {})
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in named_parameters:
-        if param.requires_grad:
-            (decayed if _is_decayed(name, param) else not_decayed).append(param)
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay, "decayed": True, "lars_exclude": False},
-        {"params": not_decayed, "weight_decay": 0.0, "decayed": False, "lars_exclude": True},
-    ]
-    return [g for g in groups if g["params"]]
+        if not param.requires_grad:
+            continue
+        schedule = next((key for key, accepts in selectors.items() if accepts(name)), "lr")
+        buckets.setdefault((schedule, _is_decayed(name, param)), []).append(param)
+    order = ["lr", *selectors]
+    groups = []
+    for schedule in order:
+        for decayed in (True, False):
+            params = buckets.get((schedule, decayed))
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0,
+                               "decayed": decayed, "lars_exclude": not decayed, "lr_schedule": schedule,
+                               "name": f"{schedule}/{'decay' if decayed else 'no_decay'}"})
+    return groups
 
 
 def build_optimizer(

@@ -18,7 +18,8 @@ from .backbones import Backbone, Features
 from .base import SSLModule, upcast
 from .functional import vicregl_loss
 from .heads import MLP, LocalProjector
-from .mixins import LocalMatching, MultiCrop
+from .mixins import all_cell_locations, encode_views, match_cells
+from .ranges import check_ranges
 
 __all__ = ["VICRegL"]
 
@@ -27,7 +28,7 @@ def _has_batchnorm(*modules: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for module in modules for m in module.modules())
 
 
-class VICRegL(MultiCrop, LocalMatching, SSLModule):
+class VICRegL(SSLModule):
     """VICRegL as a LightningModule.
 
     Args:
@@ -53,9 +54,12 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
             given), LayerNorm on every cell then the mean as the global feature.
         **kwargs: :class:`~ssl_modules.SSLModule` arguments (backbone_kwargs, optimizer, lr, ...). The
             defaults are the official ConvNeXt recipe: AdamW, base lr 5e-4 per 256 images, weight decay
-            0.05 constant, 10 warm-up epochs, final lr 0.001 x peak. Use ``optimizer="lars",
-            weight_decay=1e-6, lr=0.2`` for ResNet-50.
+            0.05 constant (``weight_decay=None``: 0.05, or 1e-6 with LARS, as the official LARS), 10 warm-up
+            epochs (``peak * step / warmup_steps``, official), final lr 0.001 x peak. Use
+            ``optimizer="lars", lr=0.2`` for ResNet-50.
     """
+
+    lr_warmup = "fraction"
 
     def __init__(
         self,
@@ -76,15 +80,20 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
         optimizer: Literal["adamw", "sgd", "lars"] = "adamw",
         lr: float = 5e-4,
         min_lr_ratio: float | None = 1e-3,
-        weight_decay: float = 0.05,
+        weight_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        check_ranges(type(self), [
+            ("alpha", alpha, "in [0, 1]"), ("inv_coeff", inv_coeff, ">= 0"), ("var_coeff", var_coeff, ">= 0"),
+            ("cov_coeff", cov_coeff, ">= 0"), ("eps", eps, "> 0"),
+        ])
+        if weight_decay is None:  # official: LARS always uses 1e-6, AdamW the --weight-decay default 0.05
+            weight_decay = 1e-6 if optimizer == "lars" else 0.05
         if len(num_matches) != 2 or min(num_matches) < 1:
             raise ValueError(f"num_matches must be two positive ints (gamma1, gamma2), got {num_matches}")
         super().__init__(backbone=backbone, optimizer=optimizer, lr=lr, min_lr_ratio=min_lr_ratio,
                          weight_decay=weight_decay, **kwargs)
+        self.hparams["weight_decay"] = weight_decay  # the resolved value (the CLI records the given None)
         width = self.backbone.num_features
         norm = ("batch" if self.backbone.has_batchnorm else "layer") if head_norm == "auto" else head_norm
         self.expander = MLP(width, expander_widths, norm=norm, last_bias=False) if alpha > 0 else None
@@ -133,13 +142,13 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
     # ---------------------------------------------------------------------------------------- step
     def training_step(self, views, batch_idx: int) -> Tensor:
         self._check_batch(views)
-        feats = self.encode_views(self.forward, views.crops, per_view=not self.concat_views)
+        feats = encode_views(self.forward, views.crops, per_view=not self.concat_views)
         self._check_grids(feats, views)
         embeddings = [self.expander(f.global_) for f in feats] if self.expander is not None else None
         maps = [self.projector(f.dense) for f in feats] if self.projector is not None else None
         locations = None
         if maps is not None:
-            locations = self.all_cell_locations(views, [f.grid for f in feats], self.hparams.flip_aware_locations)
+            locations = all_cell_locations(views, [f.grid for f in feats], self.hparams.flip_aware_locations)
         out = self.criterion(embeddings, maps, locations)
         self.log_terms(out)
         return out["loss"]
@@ -170,9 +179,9 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
             feats = [self.forward(c) for c in crops]
         sub = views._replace(crops=crops, boxes=views.boxes[:1, :2], flipped=views.flipped[:1, :2],
                              image_size=views.image_size[:1])
-        locations = self.all_cell_locations(sub, [f.grid for f in feats], self.hparams.flip_aware_locations)
+        locations = all_cell_locations(sub, [f.grid for f in feats], self.hparams.flip_aware_locations)
         gamma = min(self.hparams.num_matches[0], locations[0].shape[1])
-        match = self.match_cells(locations[0], locations[1], gamma)
+        match = match_cells(locations[0], locations[1], gamma)
         image = draw_matches(crops[0][0], crops[1][0], feats[0].grid, feats[1].grid,
                              match["query_index"][0], match["candidate_index"][0])
         return {"vicregl/location_matches": image}

@@ -1,76 +1,108 @@
-"""EMA teacher: a frozen copy of the student, updated once per optimizer step."""
+"""EMA teacher: a frozen copy of student modules, updated once per optimizer step."""
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..backbones import disable_stochastic_layers
-from ..schedules import cosine
+from ..backbones import Backbone, disable_stochastic_layers
+from ..ranges import check_ranges
+from ..schedules import RunPlan, Schedule, cosine
 
-__all__ = ["TeacherEMA"]
+__all__ = ["TeacherEMA", "EMAUpdate"]
+
+EMAUpdate = Literal["after_step", "before_forward"]
+"""When the teacher moves. ``"after_step"`` (DINO, CrIBo): right after optimizer step ``i`` with ``m[i]``.
+``"before_forward"`` (BAM): at the start of iteration ``i``, before the teacher's forward, with ``m[i]``
+(so the teacher of iteration ``i`` is made from the student after ``i`` steps with ``m[i]``)."""
 
 
 class TeacherEMA:
     """Mixin for an :class:`~ssl_modules.SSLModule` with an exponential-moving-average teacher.
 
     Call :meth:`init_teacher` in ``__init__`` with the names of the student modules to copy (a method
-    whose teacher is optional simply does not call it: ``has_teacher`` is then False). The teacher
-    (``self.teacher``, a ``ModuleDict`` of the copies) never receives gradients, has its stochastic depth
-    and dropout turned off (the papers build the teacher without them), is saved in the checkpoint with
-    the rest of the module, and is updated right after every optimizer step — so micro-batches of a
-    gradient accumulation do not update it — with ``teacher = m * teacher + (1 - m) * student`` over the
-    parameters. The momentum ``m`` follows a half-cosine from ``ema_momentum`` to 1 over the run, a closed
-    form of the step, so a resumed run continues exactly.
+    whose teacher is optional simply does not call it: :attr:`has_teacher` is then False). The teacher
+    (:attr:`teacher`, a ``ModuleDict`` of the copies; :meth:`teacher_copy` gives one) never receives
+    gradients, has its stochastic depth and dropout turned off (the papers build the teacher without them),
+    and is saved in the checkpoint with the rest of the module. Its update,
+    ``teacher = m * teacher + (1 - m) * student`` over the parameters, runs once per optimizer step (not
+    per micro-batch of a gradient accumulation), at the point the method's ``update`` names. The momentum
+    ``m`` is the schedule ``ema_momentum`` (declared here, applied and logged by the base class's schedule
+    hook): a half-cosine from the initial momentum to 1 over the run, a closed form of the step, so a
+    resumed run continues exactly. The embedding backbone of probes and exports is the teacher's backbone.
     """
 
     teacher: nn.ModuleDict
-    ema_momentum: float
 
-    def init_teacher(self, module_names: Sequence[str], momentum: float) -> None:
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"the EMA momentum must lie in [0, 1], got {momentum}")
-        self.ema_momentum = momentum
+    def init_teacher(self, module_names: Sequence[str], momentum: float, update: EMAUpdate = "after_step") -> None:
+        """Copy the student modules ``module_names`` into :attr:`teacher`; ``momentum`` is ``m`` at step 0."""
+        check_ranges(type(self), [("ema_momentum", momentum, "in [0, 1]")])
+        if update not in ("after_step", "before_forward"):
+            raise ValueError(f"the teacher update must be 'after_step' or 'before_forward', got {update!r}")
+        self._ema_start = momentum
+        self._ema_update = update
         self._teacher_names = list(module_names)
         copies = {}
         for name in self._teacher_names:
-            student = getattr(self, name)
-            clone = copy.deepcopy(student)
+            clone = copy.deepcopy(getattr(self, name))
             clone.requires_grad_(False)
             disable_stochastic_layers(clone)
             copies[name] = clone
         self.teacher = nn.ModuleDict(copies)
 
-    def teacher_momentum(self, step: int) -> float:
-        """Momentum of the update that follows optimizer step ``step`` (0-based)."""
-        return cosine(step, self.total_steps, self.ema_momentum, 1.0)
-
-    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        teacher, student = [], []
-        for name in self._teacher_names:
-            for (t_name, t), (s_name, s) in zip(
-                self.teacher[name].named_parameters(), getattr(self, name).named_parameters()
-            ):
-                assert t_name == s_name, f"teacher and student differ at {t_name} / {s_name}"
-                teacher.append(t)
-                student.append(s.detach())
-        return teacher, student
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """``teacher = momentum * teacher + (1 - momentum) * student``, in place, in one fused call."""
-        teacher, student = self._ema_pairs()
-        if teacher:
-            torch._foreach_lerp_(teacher, [s.to(t.dtype) for t, s in zip(teacher, student)], 1.0 - momentum)
-
+    # ------------------------------------------------------------------------------------------- the API
     @property
     def has_teacher(self) -> bool:
         return bool(getattr(self, "_teacher_names", None))
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        step = self.trainer.global_step
-        super().optimizer_step(*args, **kwargs)
+    def teacher_copy(self, name: str) -> nn.Module:
+        """The teacher's copy of the student module ``name``."""
+        if not self.has_teacher or name not in self.teacher:
+            raise KeyError(f"{type(self).__name__} has no teacher copy of {name!r}")
+        return self.teacher[name]
+
+    @property
+    def embedding_backbone(self) -> Backbone:
+        """The teacher's backbone when the teacher copies ``backbone``, else the student's."""
+        if self.has_teacher and "backbone" in self._teacher_names:
+            return self.teacher_copy("backbone")
+        return super().embedding_backbone
+
+    def ema_momentum_schedule(self, plan: RunPlan) -> Schedule:
+        """``m(step) = 1 - (1 - m0) * (1 + cos(pi * step / total_steps)) / 2`` (DINO's cosine to 1)."""
+        start, total = self._ema_start, plan.total_steps
+        return lambda step: cosine(step, total, start, 1.0)
+
+    def declare_schedules(self, plan: RunPlan) -> dict[str, Schedule]:
+        schedules = super().declare_schedules(plan)
         if self.has_teacher:
-            self.update_teacher(self.teacher_momentum(step))
+            schedules["ema_momentum"] = self.ema_momentum_schedule(plan)
+        return schedules
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher = momentum * teacher + (1 - momentum) * student``, in place, in one fused call."""
+        teacher, student = [], []
+        for name in self._teacher_names:
+            pairs = zip(self.teacher[name].named_parameters(), getattr(self, name).named_parameters())
+            for (t_name, t), (s_name, s) in pairs:
+                assert t_name == s_name, f"teacher and student differ at {t_name} / {s_name}"
+                teacher.append(t)
+                student.append(s.detach().to(t.dtype))
+        if teacher:
+            torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+    # ------------------------------------------------------------------------------------------- the hooks
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # the schedule hook: ema_momentum of this step
+        first_micro_batch = batch_idx % max(self.trainer.accumulate_grad_batches, 1) == 0
+        if self.has_teacher and self._ema_update == "before_forward" and first_micro_batch:
+            self.update_teacher(self.scheduled("ema_momentum"))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.has_teacher and self._ema_update == "after_step":
+            self.update_teacher(self.scheduled("ema_momentum"))  # m[i] after step i

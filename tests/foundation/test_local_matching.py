@@ -1,7 +1,7 @@
 import torch
 
 from datamodules import Views
-from ssl_modules.mixins import LocalMatching
+from ssl_modules.mixins import cell_locations, match_cells
 
 
 def _views(flipped: bool) -> Views:
@@ -12,22 +12,22 @@ def _views(flipped: bool) -> Views:
 
 
 def test_cell_locations_of_an_unflipped_crop_in_seed_pixels():
-    loc = LocalMatching().cell_locations(_views(False), 0, (2, 2))
+    loc = cell_locations(_views(False), 0, (2, 2))
     # 2 x 2 tiles of 50 x 100 px: centres at y 45 / 95, x 150 / 250
     expected = torch.tensor([[45.0, 150.0], [45.0, 250.0], [95.0, 150.0], [95.0, 250.0]])
     torch.testing.assert_close(loc[0], expected)
 
 
 def test_cell_locations_of_a_flipped_crop_mirror_the_columns():
-    loc = LocalMatching().cell_locations(_views(True), 0, (2, 2))
+    loc = cell_locations(_views(True), 0, (2, 2))
     expected = torch.tensor([[45.0, 250.0], [45.0, 150.0], [95.0, 250.0], [95.0, 150.0]])
     torch.testing.assert_close(loc[0], expected)
-    ignoring = LocalMatching().cell_locations(_views(True), 0, (2, 2), flip_aware=False)
+    ignoring = cell_locations(_views(True), 0, (2, 2), flip_aware=False)
     torch.testing.assert_close(ignoring[0], expected[[1, 0, 3, 2]])
 
 
 def test_location_matching_pairs_the_same_place():
     views = _views(False)
-    loc = LocalMatching().cell_locations(views, 0, (2, 2))
-    match = LocalMatching.match_cells(loc, loc.flip(1), 2)
+    loc = cell_locations(views, 0, (2, 2))
+    match = match_cells(loc, loc.flip(1), 2)
     assert torch.equal(match["candidate_index"][0], 3 - match["query_index"][0])

@@ -3,11 +3,7 @@ import torch
 
 from conftest import TINY_VIT
 from ssl_modules.backbones import Backbone
-from ssl_modules.mixins import MultiCrop, resolution_groups
-
-
-class Encoder(MultiCrop):
-    pass
+from ssl_modules.mixins import encode_views, resolution_groups
 
 
 def test_resolution_groups_are_consecutive_equal_shapes():
@@ -24,9 +20,9 @@ def test_grouped_encoding_equals_one_call_per_view_for_vits():
         calls.append(images.shape[0])
         return backbone(images)
 
-    grouped = Encoder().encode_views(counting, crops)
+    grouped = encode_views(counting, crops)
     assert calls == [4, 2]
-    per_view = Encoder().encode_views(counting, crops, per_view=True)
+    per_view = encode_views(counting, crops, per_view=True)
     assert calls[2:] == [2, 2, 2]
     for a, b in zip(grouped, per_view):
         torch.testing.assert_close(a.global_, b.global_, atol=1e-5, rtol=1e-5)
@@ -38,4 +34,4 @@ def test_grouped_encoding_equals_one_call_per_view_for_vits():
 def test_views_with_different_batch_sizes_are_rejected():
     backbone = Backbone("vit_tiny_patch16_224", **TINY_VIT)
     with pytest.raises(ValueError, match="same batch size"):
-        Encoder().encode_views(backbone, [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+        encode_views(backbone, [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)])

@@ -8,26 +8,26 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import TINY_VIT
 from ssl_modules.base import SSLModule
 from ssl_modules.heads import MLP
-from ssl_modules.mixins import MultiCrop, TeacherEMA
+from ssl_modules.mixins import TeacherEMA, encode_views
 
 
-class ToyDistill(TeacherEMA, MultiCrop, SSLModule):
+class ToyDistill(TeacherEMA, SSLModule):
     """Student view 0 regresses the teacher's view 1 (enough to move every parameter)."""
 
-    def __init__(self, head_dim: int = 16, ema_momentum: float = 0.9, **kwargs) -> None:
+    def __init__(self, head_dim: int = 16, ema_momentum: float = 0.9, ema_update: str = "after_step", **kwargs) -> None:
         kwargs.setdefault("backbone", "vit_tiny_patch16_224")
         kwargs.setdefault("backbone_kwargs", dict(TINY_VIT))
         kwargs.setdefault("warmup_epochs", 1.0)
         super().__init__(**kwargs)
         self.head = MLP(self.backbone.num_features, [32, head_dim], activation="gelu")
-        self.init_teacher(["backbone", "head"], ema_momentum)
+        self.init_teacher(["backbone", "head"], ema_momentum, update=ema_update)
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
         crops = [images, images.flip(-1)]
-        student = self.encode_views(self.backbone, crops)
+        student = encode_views(self.backbone, crops)
         with torch.no_grad():
-            teacher = self.encode_views(self.teacher["backbone"], crops)
+            teacher = encode_views(self.teacher["backbone"], crops)
         loss = F.mse_loss(self.head(student[0].global_), self.teacher["head"](teacher[1].global_))
         self.log_terms({"loss": loss})
         return loss
