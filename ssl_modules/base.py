@@ -336,6 +336,7 @@ class SSLModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ssl_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @staticmethod

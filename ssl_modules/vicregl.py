@@ -110,6 +110,7 @@ class VICRegL(SSLModule):
 
     # -------------------------------------------------------------------------------------- checks
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if distributed.world_size() > 1 and _has_batchnorm(self) and not any(
             isinstance(m, nn.SyncBatchNorm) for m in self.modules()
         ):

@@ -268,3 +268,36 @@ def test_scheduled_values_outside_fit_are_the_start_values():
     assert module.scheduled("ema_momentum") == 0.9
     with pytest.raises(KeyError, match="no schedule 'teacher_temp'"):
         module.scheduled("teacher_temp")
+
+
+# ------------------------------------------------------------------------------------------ mixin API
+class CountingMixin:
+    """A user mixin above the method: its hooks run and the base's schedule hook still runs."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.counted = getattr(self, "counted", 0) + 1
+        super().on_train_batch_start(batch, batch_idx)
+
+    def on_train_start(self):
+        self.started = True
+        super().on_train_start()
+
+
+class CountedToy(CountingMixin, ToyDistill):
+    pass
+
+
+def test_hooks_are_cooperative_through_user_mixins():
+    rec = Recorder()
+    module = CountedToy(lr=0.256, warmup_epochs=1.0, min_lr=0.0)
+    fit(module, rec, max_epochs=1)
+    assert module.counted == 4 and module.started
+    assert rec.lr == pytest.approx([0.0, 0.001, 0.002, 0.003])  # the schedule hook ran below the mixin
+
+
+def test_teacher_api_gives_the_copies_and_the_embedding_backbone():
+    module = ToyDistill()
+    assert module.has_teacher and module.embedding_backbone is module.teacher_copy("backbone")
+    assert module.teacher_copy("head") is module.teacher["head"]
+    with pytest.raises(KeyError, match="no teacher copy of 'projector'"):
+        module.teacher_copy("projector")
