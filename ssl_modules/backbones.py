@@ -16,7 +16,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Features", "Backbone", "is_vit_name", "disable_stochastic_layers", "check_model_name"]
+__all__ = ["Features", "Backbone", "is_vit_name", "is_vision_transformer_name", "disable_stochastic_layers",
+           "check_model_name"]
 
 
 class Features(NamedTuple):
@@ -67,6 +68,12 @@ def is_vit_name(name: str) -> bool:
     """Whether timm builds ``name`` as a Vision Transformer: patch tokens after ``num_prefix_tokens``
     prefix (CLS, distillation, register) tokens — ViT, DeiT, BEiT, EVA, ... (Swin and CNNs are not)."""
     return _model_kind(name).token_model
+
+
+def is_vision_transformer_name(name: str) -> bool:
+    """Whether timm builds ``name`` as its ``VisionTransformer`` class (learned absolute position embedding
+    and a patch projection: what ``mocov3_vit`` changes), not another token model such as BEiT or EVA."""
+    return issubclass(_model_kind(name).cls, timm.models.VisionTransformer)
 
 
 def disable_stochastic_layers(module: nn.Module) -> None:
@@ -171,7 +178,7 @@ class Backbone(nn.Module):
         self.is_vit = kind.token_model
         if kind.dynamic_img_size:
             model_kwargs.setdefault("dynamic_img_size", True)
-        if mocov3_vit and not issubclass(kind.cls, timm.models.VisionTransformer):
+        if mocov3_vit and not is_vision_transformer_name(name):
             raise ValueError(f"mocov3_vit=True needs a timm VisionTransformer (vit_*), {name} is a {kind.cls.__name__}")
         if mocov3_vit:
             model_kwargs.setdefault("weight_init", "moco")

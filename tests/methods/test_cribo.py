@@ -129,3 +129,8 @@ def test_two_processes_equal_one_process_with_local_groups():
         assert torch.equal(counts, single[3])
         torch.testing.assert_close(center, single[4])
         torch.testing.assert_close(object_center, single[5])
+
+
+def test_vit_small_keeps_six_heads_as_the_official_dino_vit():
+    module = CrIBo("vit_small_patch16_224", **{**TINY, "backbone_kwargs": dict(depth=1, img_size=32)})
+    assert {block.attn.num_heads for block in module.backbone.model.blocks} == {6}
