@@ -59,7 +59,10 @@ class _ModelKind(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _model_kind(name: str) -> _ModelKind:
     check_model_name(name)
-    with torch.device("meta"):  # no memory, no initialisation cost: only the class and its attributes
+    try:
+        with torch.device("meta"):  # no memory, no initialisation cost: only the class and its attributes
+            probe = timm.create_model(name, pretrained=False, num_classes=0)
+    except (NotImplementedError, RuntimeError):  # an initialiser that reads tensor values: build it for real
         probe = timm.create_model(name, pretrained=False, num_classes=0)
     return _ModelKind(type(probe), hasattr(probe, "num_prefix_tokens"), hasattr(probe, "dynamic_img_size"))
 
