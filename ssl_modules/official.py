@@ -243,8 +243,8 @@ def load_official(path: str | Path, method: str | None = None, module: SSLModule
         method: ``"cribo"``, ``"bam"`` or ``"vicregl"``; ``None`` tells it from the layout.
         module: load into this module instead of building one.
         **module_kwargs: arguments of the method's constructor. Head widths, CrIBo's bank size and number of
-            clusters are read from the tensors' shapes; the backbone (``backbone``, ``backbone_kwargs``) is
-            read from the official ``args`` or the ViT's shapes when not given.
+            clusters are read from the tensors' shapes; the backbone (``backbone``, ``backbone_kwargs``) from
+            its shapes (ViTs, torchvision ResNets, ConvNeXts) or the official ``args.arch`` when not given.
     """
     checkpoint = read_checkpoint(path)
     method = method or (_method_of(module) if module is not None else detect_method(checkpoint))
@@ -309,6 +309,25 @@ def _vit_from_shapes(state: dict[str, Tensor]) -> tuple[str, dict[str, Any]] | N
     return f"vit_{size}_patch16_224", kwargs
 
 
+_CONVNEXTS = {(40, 6): "atto", (48, 6): "femto", (64, 6): "pico", (80, 8): "nano", (96, 9): "tiny",
+              (96, 27): "small", (128, 27): "base", (192, 27): "large", (256, 27): "xlarge"}
+_RESNETS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101",
+            (True, 36): "resnet152"}
+
+
+def _cnn_from_shapes(state: dict[str, Tensor]) -> str | None:
+    """The timm name of an official ConvNeXt (first width, blocks of stage 3) or torchvision ResNet
+    (bottleneck or basic blocks, blocks of layer3) state dict; None for other layouts."""
+    if "downsample_layers.0.0.weight" in state:
+        blocks = len({key.split(".")[2] for key in state if key.startswith("stages.2.")})
+        size = _CONVNEXTS.get((state["downsample_layers.0.0.weight"].shape[0], blocks))
+        return f"convnext_{size}" if size else None
+    if "layer3.0.conv1.weight" in state:
+        blocks = len({key.split(".")[1] for key in state if key.startswith("layer3.")})
+        return _RESNETS.get(("layer1.0.conv3.weight" in state, blocks))
+    return None
+
+
 def _arg(checkpoint: dict[str, Any], name: str) -> Any:
     """An official training argument (``args`` is an ``argparse.Namespace`` or a dict), or None."""
     args = checkpoint.get("args")
@@ -320,6 +339,8 @@ def _backbone_from(checkpoint: dict[str, Any], state: dict[str, Tensor], kwargs:
     if "backbone" in kwargs:
         return
     guess = _vit_from_shapes(state)
+    if guess is None and _cnn_from_shapes(state) is not None:
+        guess = (_cnn_from_shapes(state), {})
     arch = _arg(checkpoint, "arch")
     if guess is None and arch is None:
         raise ValueError("cannot tell the backbone of this official checkpoint: pass backbone='<timm name>' "

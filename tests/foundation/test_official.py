@@ -166,3 +166,12 @@ def test_an_official_checkpoint_exports_to_timm(tmp_path):
     model = timm.create_model(meta["name"], **meta["model_kwargs"])
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     assert torch.equal(model.cls_token, source.teacher["backbone"].model.cls_token)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
+def test_the_vicregl_cnn_is_read_from_the_checkpoint_shapes(tmp_path, name):
+    source = VICRegL(name, expander_widths="64-64", projector_widths="32-32")
+    save_official(source, tmp_path / "model.pth")
+    loaded = load_official(tmp_path / "model.pth")
+    assert loaded.backbone.name == name
+    _assert_same_state(loaded, source)
