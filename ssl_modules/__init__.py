@@ -15,6 +15,9 @@ _EXPORTS = {
     "VICRegL": "ssl_modules.vicregl",
     "BAM": "ssl_modules.bam",
     "CrIBo": "ssl_modules.cribo",
+    "load_official": "ssl_modules.official",
+    "save_official": "ssl_modules.official",
+    "load_backbone_weights": "ssl_modules.official",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from .bam import BAM
     from .base import SSLModule
     from .cribo import CrIBo
+    from .official import load_backbone_weights, load_official, save_official
     from .vicregl import VICRegL
 
 

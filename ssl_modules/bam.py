@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .backbones import Backbone, is_vit_name
+from .backbones import Backbone, is_vision_transformer_name
 from .base import SSLModule, upcast
 from .contrastive_crop import ContrastiveCrop
 from .functional import bam_loss
@@ -27,6 +27,8 @@ from .ranges import check_ranges
 from .schedules import RunPlan, Schedule, linspace_ramp
 
 __all__ = ["BAM"]
+
+MOCOV3_VIT_SMALL_HEADS = 12  # MoCo v3's vit_small (BAM's published ViT-S/16); timm's vit_small has 6
 
 
 def _row_entropy(p: Tensor) -> Tensor:
@@ -135,7 +137,10 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
                                        warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
-        mocov3 = self.hparams.mocov3_vit and is_vit_name(name)
+        """MoCo v3 ViTs as the official BAM; its ViT-S has 12 heads (MoCo v3's ``vit_small``), not timm's 6."""
+        mocov3 = self.hparams.mocov3_vit and is_vision_transformer_name(name)
+        if mocov3 and name.split(".", 1)[0].startswith("vit_small_") and "embed_dim" not in kwargs:
+            kwargs = {"num_heads": MOCOV3_VIT_SMALL_HEADS, **kwargs}
         return Backbone(name, mocov3_vit=mocov3, **kwargs)
 
     # ----------------------------------------------------------------------------------- schedules

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .backbones import Features
+from .backbones import Backbone, Features, is_vit_name
 from .base import SSLModule, upcast
 from .functional import (
     cribo_loss,
@@ -162,6 +162,12 @@ class CrIBo(TeacherEMA, SSLModule):
         generator = torch.Generator().manual_seed(0)
         self.register_buffer("bank", torch.rand(2, num_clusters * queue_size, width, generator=generator))
         self.register_buffer("bank_counts", torch.full((queue_size,), num_clusters, dtype=torch.long))
+
+    def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
+        """The official (DINO) ViT draws its CLS token from a truncated normal of std 0.02 (timm: 1e-6)."""
+        if is_vit_name(name):
+            kwargs = {"cls_token_init": "trunc_normal", **kwargs}
+        return Backbone(name, **kwargs)
 
     # ----------------------------------------------------------------------------------- schedules
     def warmups_disabled(self, plan: RunPlan) -> bool:

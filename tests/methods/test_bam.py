@@ -107,3 +107,29 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(teacher):
         assert grads.keys() == single_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, single_grads[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+def _heads(backbone):
+    return {block.attn.num_heads for block in backbone.model.blocks}
+
+
+def test_mocov3_vit_small_has_twelve_heads_as_the_published_model(tmp_path):
+    import json
+    module = BAM("vit_small_patch16_224", backbone_kwargs=dict(depth=2, img_size=32), projector_widths="32-32")
+    assert _heads(module.backbone) == {12} and _heads(module.teacher["backbone"]) == {12}
+    assert module.backbone.model.blocks[0].attn.head_dim == 32
+    meta = json.loads(module.export_backbone(tmp_path / "backbone.pt").with_suffix(".json").read_text())
+    assert meta["model_kwargs"]["num_heads"] == 12  # timm rebuilds the same architecture from the export
+
+
+def test_an_explicit_num_heads_and_non_mocov3_vit_small_keep_their_heads():
+    explicit = BAM("vit_small_patch16_224", backbone_kwargs=dict(depth=1, img_size=32, num_heads=6),
+                   projector_widths="32-32")
+    plain = BAM("vit_small_patch16_224", mocov3_vit=False, backbone_kwargs=dict(depth=1, img_size=32),
+                projector_widths="32-32")
+    assert _heads(explicit.backbone) == {6} and _heads(plain.backbone) == {6}
+
+
+def test_the_generic_backbone_keeps_timms_six_heads_for_vit_small():
+    from ssl_modules.backbones import Backbone
+    assert _heads(Backbone("vit_small_patch16_224", depth=1, img_size=32)) == {6}

@@ -129,3 +129,26 @@ def test_two_processes_equal_one_process_with_local_groups():
         assert torch.equal(counts, single[3])
         torch.testing.assert_close(center, single[4])
         torch.testing.assert_close(object_center, single[5])
+
+
+def test_vit_small_keeps_six_heads_as_the_official_dino_vit():
+    module = CrIBo("vit_small_patch16_224", **{**TINY, "backbone_kwargs": dict(depth=1, img_size=32)})
+    assert {block.attn.num_heads for block in module.backbone.model.blocks} == {6}
+
+
+def test_cls_token_is_trunc_normal_002_as_the_official_vit():
+    torch.manual_seed(0)
+    module = tiny_cribo(backbone_kwargs=dict(TINY_VIT, embed_dim=384, num_heads=6))
+    cls_token = module.backbone.model.cls_token
+    assert 0.015 < cls_token.std().item() < 0.025  # timm: std 1e-6
+    torch.testing.assert_close(module.teacher["backbone"].model.cls_token, cls_token)
+
+
+def test_generic_backbone_keeps_timms_tiny_cls_token():
+    from ssl_modules.backbones import Backbone
+    torch.manual_seed(0)
+    assert Backbone("vit_tiny_patch16_224", **TINY_VIT).model.cls_token.abs().max().item() < 1e-4
+    trunc = Backbone("vit_tiny_patch16_224", cls_token_init="trunc_normal", **TINY_VIT).model.cls_token
+    assert trunc.std().item() > 5e-3
+    with pytest.raises(ValueError, match="no CLS token"):
+        Backbone("resnet18", cls_token_init="trunc_normal")
