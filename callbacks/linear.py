@@ -17,7 +17,7 @@ from .metrics import compute_all, top_k_accuracies, update_all
 from .probe import Probe
 from .stream import LabelledStream
 
-__all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images"]
+__all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images", "step_embedding"]
 
 
 class LinearClassifier(nn.Module):
@@ -51,13 +51,24 @@ def labelled_images(batch: Any) -> tuple[Tensor, Tensor, Tensor | None] | None:
     return None
 
 
+def step_embedding(outputs: Any, batch_size: int) -> Tensor | None:
+    """The detached ``(B, C)`` global feature of ``crops[0]`` a training step returned as
+    ``outputs["embedding"]`` (the methods' fast path), or ``None`` when it returned none."""
+    embedding = outputs.get("embedding") if isinstance(outputs, dict) else None
+    if isinstance(embedding, Tensor) and embedding.dim() == 2 and embedding.shape[0] == batch_size:
+        return embedding
+    return None
+
+
 class OnlineLinearProbe(Probe):
     """A linear classifier on the detached global features of ``pl_module.embed``, with its own optimizer.
 
     Training, after every training batch (``on_train_batch_end``), one step of its own optimizer on:
 
     - ``train_on="batches"``: the training batch itself — ``Views.crops[0]`` with ``Views.label`` (rows with
-      label -1 are skipped), or an ``(images, labels)`` batch;
+      label -1 are skipped), or an ``(images, labels)`` batch. When the training step returns
+      ``{"loss": ..., "embedding": (B, C)}`` (every method of the library does), the probe trains on that
+      embedding of ``crops[0]`` and makes no backbone call of its own;
     - ``train_on="loader"``: a batch of the probe's own labelled loader over ``data.eval_dataset("train")``,
       for pretraining data without labels (COCO);
     - ``"auto"``: ``"batches"`` if the first training batch carries a label >= 0 on any process, else
@@ -166,11 +177,44 @@ class OnlineLinearProbe(Probe):
                                     f"(Views or (images, labels)); got {type(batch).__name__}. "
                                     "Use train_on='loader' to train on the probe's own labelled data.")
                 images, labels, index = found
+                embedding = step_embedding(outputs, images.shape[0])
+                if embedding is not None:
+                    loss = self.train_on_step_embedding(embedding, labels, index)
+                else:
+                    loss = self.train_step(trainer, pl_module, images, labels, index)
             else:
                 images, labels, index = self.stream().next()
-            loss = self.train_step(trainer, pl_module, images, labels, index)
+                loss = self.train_step(trainer, pl_module, images, labels, index)
         if loss is not None:
             self.log_value(pl_module, "loss", loss, on_step=True)
+
+    def train_on_step_embedding(self, embedding: Tensor, labels: Tensor, index: Tensor | None) -> Tensor:
+        """One update on the features the training step already computed (no second backbone forward).
+
+        Training batches have the same size on every process, so a fixed-size all-gather suffices and the
+        rows are put in dataset-index order on the device (no host synchronisation).
+        """
+        device = embedding.device
+        labels = labels.to(device).long()
+        features = distributed.all_gather_no_grad(embedding.detach().float())
+        labels = distributed.all_gather_no_grad(labels)
+        if index is not None:
+            order = distributed.all_gather_no_grad(index.to(device).long()).argsort(stable=True)
+            features, labels = features[order], labels[order]
+        return self.update_head_masked(features, labels)
+
+    def update_head_masked(self, features: Tensor, labels: Tensor) -> Tensor:
+        """One optimizer step on a global batch, rows with label -1 weighted 0 (shape-static, no host sync)."""
+        head = self.head if self.head is not None else self.build_head(features.shape[1], features.device)
+        head.train()
+        keep = labels >= 0
+        losses = F.cross_entropy(head(features), labels.clamp(min=0), reduction="none")
+        loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach()
 
     def choose_source(self, batch: Any, device: torch.device) -> str:
         """The training source, decided once (the same on every process) for ``train_on="auto"``."""
