@@ -10,11 +10,14 @@ from torch import Tensor, nn
 
 from ssl_modules import distributed
 
+from .checks import require_at_least, require_choice, require_positive
 from .data import batch_chunks, fixed_subset
 from .embedding import (broadcast_module_, embed_images, embed_shard, gather_in_index_order, global_features,
                         trainable_context)
+from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
 from .metrics import compute_all, top_k_accuracies, update_all
 from .probe import Probe
+from .progress import probe_progress
 from .stream import LabelledStream
 
 __all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images", "step_embedding"]
@@ -96,7 +99,7 @@ class OnlineLinearProbe(Probe):
         max_val_images: cap on the validation images (a fixed random subset); ``None`` for all.
         validate_steps: training steps of a head that has never been trained (on cached features of the
             labelled training images).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process (``None``: the DataModule's ``num_workers``).
         data: classification DataModule (``num_classes``, ``eval_dataset(split)``); ``None``: the trainer's.
         seed: seed of the head initialisation, the loader order and the validation subset.
         name: metric prefix (``probe/<name>_top1``) and checkpoint key.
@@ -116,18 +119,17 @@ class OnlineLinearProbe(Probe):
         every_n_epochs: int = 1,
         max_val_images: int | None = None,
         validate_steps: int = 300,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         data: pl.LightningDataModule | None = None,
         seed: int = 0,
         name: str = "linear",
     ) -> None:
         super().__init__(name, every_n_epochs, data, seed)
-        if train_on not in ("auto", "batches", "loader"):
-            raise ValueError(f"train_on={train_on!r}; use 'auto', 'batches' or 'loader'")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer={optimizer!r}; use 'sgd' or 'adamw'")
-        if lr <= 0 or batch_size < 1 or validate_steps < 0:
-            raise ValueError(f"lr={lr} must be > 0, batch_size={batch_size} >= 1, validate_steps={validate_steps} >= 0")
+        require_choice("train_on", train_on, ("auto", "batches", "loader"))
+        require_choice("optimizer", optimizer, PROBE_OPTIMIZERS)
+        require_positive(lr=lr)
+        require_at_least(1, batch_size=batch_size)
+        require_at_least(0, validate_steps=validate_steps)
         self.train_on, self.optimizer_name = train_on, optimizer
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.batch_size, self.normalize, self.max_val_images = batch_size, normalize, max_val_images
@@ -143,14 +145,10 @@ class OnlineLinearProbe(Probe):
     # ------------------------------------------------------------------------------------- parts
     def build_head(self, in_features: int, device: torch.device) -> LinearClassifier:
         """The head (seeded) and its optimizer, restored from a checkpoint state if one is waiting."""
-        with torch.random.fork_rng(devices=[]):  # the layers' default initialisation must not touch the global RNG
-            generator = torch.Generator().manual_seed(self.seed)
-            head = LinearClassifier(in_features, self.probe_data.num_classes, self.normalize, generator).to(device)
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(head.parameters(), lr=self.lr, momentum=self.momentum,
-                                        weight_decay=self.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        classes = self.probe_data.num_classes
+        head = seeded_head(lambda generator: LinearClassifier(in_features, classes, self.normalize, generator),
+                           self.seed, device)
+        optimizer = probe_optimizer(head, self.optimizer_name, self.lr, self.weight_decay, self.momentum)
         if self._pending is not None:
             head.load_state_dict(self._pending["head"])
             optimizer.load_state_dict(self._pending["optimizer"])
@@ -169,6 +167,10 @@ class OnlineLinearProbe(Probe):
     # ---------------------------------------------------------------------------------- training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self.guarded("head training", lambda: self.train_on_batch(trainer, pl_module, outputs, batch))
+
+    def train_on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        """One head update from this training batch (or the probe's own loader)."""
         with trainable_context():
             if self.choose_source(batch, pl_module.device) == "batches":
                 found = labelled_images(batch)
@@ -263,12 +265,12 @@ class OnlineLinearProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the training set is empty; there is nothing to train the head on")
         features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                              global_features, self.num_workers)
+                                              global_features, self.num_workers, f"{self.name}: train features")
         _, features, labels = gather_in_index_order(index, features, labels)
         labels = labels.long()
         generator = torch.Generator().manual_seed(self.seed)
         batches: list[Tensor] = []
-        for _ in range(steps):
+        for _ in probe_progress(trainer, range(steps), steps, f"{self.name}: head training"):
             if not batches:
                 order = torch.randperm(features.shape[0], generator=generator)
                 batches = list(order.split(self.batch_size))
@@ -285,7 +287,7 @@ class OnlineLinearProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the validation set is empty")
         features, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
-                                          global_features, self.num_workers)
+                                          global_features, self.num_workers, f"{self.name}: val features")
         head = self.head if self.head is not None else self.build_head(features.shape[1], pl_module.device)
         broadcast_module_(head)
         head.eval()
@@ -294,6 +296,10 @@ class OnlineLinearProbe(Probe):
         metrics = top_k_accuracies(data.num_classes, logits.device)
         update_all(metrics, logits, labels.long())
         return compute_all(metrics)
+
+    def floors(self) -> dict[str, float]:
+        classes = self.probe_data.num_classes
+        return {"top1": 1.0 / classes, "top5": min(5, classes) / classes}
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

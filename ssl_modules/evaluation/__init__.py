@@ -4,16 +4,27 @@
 Protocols: ``knn`` (DINO), ``linear`` (DINO / BAM / VICRegL recipes), ``voc-linear`` (CrIBo / VICRegL),
 ``hummingbird`` (open-hummingbird-eval). Features are float32 by default, extracted once per evaluation and
 shared between protocols; under ``torch.distributed`` the results equal a one-process run.
-"""
-from .api import PRESETS, PROTOCOLS, EvaluationReport, ProtocolResult, evaluate, resolve_settings
-from .datasets import EvalDataError
-from .hummingbird import HummingbirdSettings
-from .knn import KNNSettings, knn_classify
-from .linear import LinearSettings
-from .metrics import hungarian_assignment, hungarian_miou
-from .models import ModelSourceError, load_backbone
-from .voc_linear import VOCLinearSettings
 
-__all__ = ["evaluate", "load_backbone", "PROTOCOLS", "PRESETS", "EvaluationReport", "ProtocolResult",
-           "resolve_settings", "KNNSettings", "LinearSettings", "VOCLinearSettings", "HummingbirdSettings",
-           "knn_classify", "hungarian_assignment", "hungarian_miou", "EvalDataError", "ModelSourceError"]
+Names are imported on first use, so that ``ssl_modules.evaluation.search`` (used by the online probes)
+does not pull in the data sets and protocols.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate": "api", "PROTOCOLS": "api", "PRESETS": "api", "EvaluationReport": "api", "ProtocolResult": "api",
+    "resolve_settings": "api", "EvalDataError": "datasets", "HummingbirdSettings": "hummingbird",
+    "KNNSettings": "knn", "knn_classify": "knn", "LinearSettings": "linear", "hungarian_assignment": "metrics",
+    "hungarian_miou": "metrics", "ModelSourceError": "models", "load_backbone": "models",
+    "VOCLinearSettings": "voc_linear",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ssl_modules.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
