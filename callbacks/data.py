@@ -127,7 +127,8 @@ def check_probe_datasets(probe: str, data: Any, kind: Literal["classification", 
     first item reads, and (segmentation) every mask has its image's size (read from the file headers)."""
     for split in ("train", "val"):
         try:
-            dataset = data.eval_dataset(split) if kind == "classification" else data.segmentation_dataset(split, image_size)
+            dataset = (data.eval_dataset(split) if kind == "classification"
+                       else data.segmentation_dataset(split, image_size))
             if len(dataset) == 0:
                 raise ValueError(f"the {split} split is empty")
             dataset[0]

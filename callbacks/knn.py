@@ -61,6 +61,7 @@ class KNNProbe(Probe):
     """
 
     data_kind = "classification"
+    paper_protocol_name = "knn"
 
     def __init__(
         self,

@@ -106,6 +106,7 @@ class OnlineLinearProbe(Probe):
     """
 
     data_kind = "classification"
+    paper_protocol_name = "linear"
 
     def __init__(
         self,

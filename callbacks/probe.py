@@ -50,6 +50,8 @@ class Probe(Callback):
     """
 
     data_kind: Literal["classification", "segmentation"] = "classification"
+    #: the ``evaluate`` protocol this probe monitors cheaply (``paper_protocol`` builds it as a callback)
+    paper_protocol_name: str | None = None
 
     def __init__(self, name: str, every_n_epochs: int = 1, data: pl.LightningDataModule | None = None,
                  seed: int = 0) -> None:
@@ -63,6 +65,16 @@ class Probe(Callback):
         self.last_floors: dict[str, float] = {}
         self.failures: list[str] = []
         self._resolved: Any = None
+
+    @classmethod
+    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> "Probe":
+        """The paper-protocol version of this probe: a ``PaperProtocolProbe`` running ``evaluate``'s
+        protocol (``docs/evaluation.md``) with ``preset``; ``kwargs`` go to ``PaperProtocolProbe``."""
+        if cls.paper_protocol_name is None:
+            raise TypeError(f"{cls.__name__} has no paper protocol")
+        from .paper import PaperProtocolProbe
+
+        return PaperProtocolProbe(cls.paper_protocol_name, preset, **kwargs)
 
     # -------------------------------------------------------------------------------- identity
     @property

@@ -95,6 +95,7 @@ class DenseRetrievalProbe(Probe):
     """
 
     data_kind = "segmentation"
+    paper_protocol_name = "hummingbird"
 
     def __init__(
         self,

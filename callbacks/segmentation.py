@@ -85,6 +85,7 @@ class VOCSegmentationProbe(Probe):
     """
 
     data_kind = "segmentation"
+    paper_protocol_name = "voc-linear"
 
     def __init__(
         self,

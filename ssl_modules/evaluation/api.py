@@ -18,9 +18,9 @@ from .datasets import check_dataset, imagenet_split, voc_split
 from .features import Extractor, FeatureCache
 from .hummingbird import HummingbirdSettings, run_hummingbird
 from .knn import KNNSettings, run_knn
-from .linear import LINEAR_PRESETS, LinearSettings, linear_preset, run_linear
+from .linear import LINEAR_PRESETS, linear_preset, run_linear
 from .models import describe_source, load_backbone
-from .voc_linear import VOC_LINEAR_PRESETS, VOCLinearSettings, run_voc_linear
+from .voc_linear import VOC_LINEAR_PRESETS, run_voc_linear
 
 __all__ = ["PROTOCOLS", "PRESETS", "ProtocolResult", "EvaluationReport", "evaluate", "resolve_settings"]
 
@@ -187,6 +187,20 @@ def evaluate(
     _check_data(protocols, imagenet, voc)
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    was_training = backbone.training
+    try:
+        report = _run_protocols(model, backbone, protocols, settings, presets, imagenet, voc, precision, device,
+                                batch_size, num_workers, show_progress, cache_dir)
+    finally:
+        backbone.train(was_training)
+    if output is not None:
+        report.write(output)
+    return report
+
+
+def _run_protocols(model: Any, backbone: Any, protocols: list[str], settings: dict[str, Any],
+                   presets: dict[str, str], imagenet: str | None, voc: str | None, precision: str, device: Any,
+                   batch_size: int, num_workers: int, show_progress: bool, cache_dir: Any) -> EvaluationReport:
     extractor = Extractor(backbone, device, precision, batch_size, num_workers, show_progress,
                           FeatureCache(Path(cache_dir) if cache_dir else None))
     report = EvaluationReport(describe_source(model), precision, distributed.world_size())
@@ -199,8 +213,6 @@ def evaluate(
         preset = presets.get(protocol) or next(iter(PRESETS[protocol]))
         report.results.append(ProtocolResult(protocol, preset, PRESETS[protocol][preset], metrics, floors,
                                              _plain(settings[protocol]), time.perf_counter() - start))
-    if output is not None:
-        report.write(output)
     return report
 
 

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.base import require_dir
 from datamodules.imagenet import LAYOUT as IMAGENET_LAYOUT
 from datamodules.imagenet import class_folders, labelled_images
-from datamodules.base import require_dir
 from datamodules.reading import read_image, read_mask
 
 __all__ = ["EvalDataError", "ClassificationFolder", "SegmentationFiles", "imagenet_split", "voc_split",

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_modules import distributed
 from ssl_modules.distributed import gather_in_index_order
 
 from .datasets import EvalDataError, voc_split

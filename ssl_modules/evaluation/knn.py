@@ -14,9 +14,9 @@ from torch import Tensor
 
 from ssl_modules import distributed
 
+from .datasets import imagenet_split
 from .features import Extractor, global_vector
 from .transforms import normalise, resize_centre_crop
-from .datasets import imagenet_split
 
 __all__ = ["KNNSettings", "knn_classify", "run_knn"]
 

@@ -29,8 +29,17 @@ from ssl_modules.backbones import Backbone
 from .datasets import imagenet_split
 from .features import Extractor, progress
 from .knn import classification_floors
-from .training import (HeadRecipe, broadcast_parameters_, build_optimizer, global_batches, local_slice, lr_factor,
-                       normal_init_, set_lr_, train_step)
+from .training import (
+    HeadRecipe,
+    broadcast_parameters_,
+    build_optimizer,
+    global_batches,
+    local_slice,
+    lr_factor,
+    normal_init_,
+    set_lr_,
+    train_step,
+)
 from .transforms import normalise, random_resized_box, resize_centre_crop, sample_generator
 
 __all__ = ["LinearSettings", "LINEAR_PRESETS", "linear_preset", "linear_features", "run_linear"]

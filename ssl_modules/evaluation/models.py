@@ -20,7 +20,8 @@ class ModelSourceError(ValueError):
 
 def load_backbone(source: str | Path | nn.Module, official: str | None = None, teacher: bool = True,
                   **timm_kwargs: Any) -> Backbone:
-    """The backbone to evaluate, in eval mode with gradients off.
+    """The backbone to evaluate. One read from a file or a name is frozen (gradients off); a module passed in
+    is used as it is (``evaluate`` embeds without gradients and gives it back in its training mode).
 
     Args:
         source: an ``SSLModule`` (its teacher backbone where it has one, as CrIBo and BAM evaluate), a
@@ -32,8 +33,9 @@ def load_backbone(source: str | Path | nn.Module, official: str | None = None, t
         **timm_kwargs: ``timm.create_model`` arguments for a timm name (``img_size``, ``patch_size``, ...).
     """
     backbone = _resolve(source, official, teacher, timm_kwargs)
-    backbone.eval()
-    backbone.requires_grad_(False)
+    if not isinstance(source, nn.Module):
+        backbone.eval()
+        backbone.requires_grad_(False)
     return backbone
 
 

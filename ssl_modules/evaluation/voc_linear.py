@@ -32,8 +32,17 @@ from .datasets import SegmentationFiles, voc_split
 from .features import Extractor, dense_map, progress
 from .hummingbird import segmentation_floors
 from .metrics import confusion_matrix, miou_all_classes, miou_present_classes, sum_over_processes
-from .training import (HeadRecipe, broadcast_parameters_, build_optimizer, global_batches, local_slice, lr_factor,
-                       normal_init_, set_lr_, train_step)
+from .training import (
+    HeadRecipe,
+    broadcast_parameters_,
+    build_optimizer,
+    global_batches,
+    local_slice,
+    lr_factor,
+    normal_init_,
+    set_lr_,
+    train_step,
+)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, keep_ratio_resize, sample_generator
 
 __all__ = ["VOCLinearSettings", "VOC_LINEAR_PRESETS", "SegmentationHead", "sliding_window_logits", "run_voc_linear"]

@@ -11,11 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
 
+from conftest import TINY_VIT  # noqa: E402
 from evaldata import imagenet_tree  # noqa: E402
 from probe_testkit import trainer_kwargs  # noqa: E402
 
 from callbacks import KNNProbe, OnlineLinearProbe  # noqa: E402
-from conftest import TINY_VIT  # noqa: E402
 from datamodules import ImageNetDataModule, MultiCropViews  # noqa: E402
 from ssl_modules.base import SSLModule  # noqa: E402
 
