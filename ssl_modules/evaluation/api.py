@@ -119,7 +119,7 @@ def _override(settings: Any, overrides: dict[str, Any], protocol: str) -> Any:
     return dataclasses.replace(settings, **overrides)
 
 
-def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None) -> None:
+def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
     """Every data set the protocols will read exists in its layout and its first item reads."""
     for protocol in protocols:
         kind = DATA_KIND[protocol]
@@ -132,7 +132,8 @@ def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None)
             if kind == "imagenet":
                 check_dataset(imagenet_split(root, split, lambda image, index: image), f"{root}/{split}")
             else:
-                check_dataset(voc_split(root, split, lambda image, mask, index: (image, mask)), f"VOC {split} of {root}")
+                pairs = voc_split(root, split, lambda image, mask, index: (image, mask), voc_classes)
+                check_dataset(pairs, f"VOC {split} of {root}")
 
 
 def evaluate(
@@ -140,6 +141,7 @@ def evaluate(
     protocols: Sequence[str] = ("knn",),
     imagenet: str | None = None,
     voc: str | None = None,
+    voc_classes: int = 21,
     presets: dict[str, str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     official: str | None = None,
@@ -164,6 +166,8 @@ def evaluate(
         protocols: any of ``knn``, ``linear``, ``voc-linear``, ``hummingbird``.
         imagenet: root with ``train/<class>/*`` and ``val/<class>/*`` (``knn``, ``linear``).
         voc: Pascal VOC root (``voc-linear``, ``hummingbird``).
+        voc_classes: classes of the VOC-layout masks, background included (21 for Pascal VOC; the synthetic
+            scenes have ``num_object_classes + 1``).
         presets: ``protocol -> preset`` (defaults: the first of ``PRESETS[protocol]``).
         overrides: ``protocol -> {setting: value}`` on top of the preset (e.g. fewer epochs).
         official: method of an official checkpoint (``cribo``, ``bam``, ``vicregl``).
@@ -181,10 +185,14 @@ def evaluate(
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
-    presets, overrides = dict(presets or {}), dict(overrides or {})
+    presets = dict(presets or {})
+    overrides = {protocol: dict(values) for protocol, values in (overrides or {}).items()}
+    for protocol in ("hummingbird", "voc-linear"):
+        if protocol in protocols:
+            overrides.setdefault(protocol, {}).setdefault("num_classes", voc_classes)
     backbone = load_backbone(model, official=official, teacher=teacher, **(timm_kwargs or {}))
     settings = {p: resolve_settings(p, presets.get(p), backbone, overrides.get(p)) for p in protocols}
-    _check_data(protocols, imagenet, voc)
+    _check_data(protocols, imagenet, voc, voc_classes)
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     was_training = backbone.training

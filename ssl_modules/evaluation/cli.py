@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagenet", help="root with train/<class>/* and val/<class>/* (knn, linear)")
     parser.add_argument("--voc", help="Pascal VOC root: VOC2012/, VOCdevkit/VOC2012/ or the folder itself "
                                       "(voc-linear, hummingbird)")
+    parser.add_argument("--voc-classes", type=int, default=21,
+                        help="classes of the VOC-layout masks, background included (default 21, Pascal VOC)")
     parser.add_argument("--official", choices=["cribo", "bam", "vicregl"],
                         help="the model is an official checkpoint of this method")
     parser.add_argument("--student", action="store_true", help="evaluate the student backbone instead of the teacher")
@@ -92,7 +94,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
         if not dot:
             raise SystemExit(f"evaluate: --set {key}=... must name the protocol, e.g. linear.epochs=10")
         overrides.setdefault(protocol, {})[name] = _value(value)
-    return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc,
+    return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc, voc_classes=args.voc_classes,
                 presets=dict(_pairs(args.preset, "--preset")), overrides=overrides, official=args.official,
                 teacher=not args.student, precision=args.precision, device=args.device, batch_size=args.batch_size,
                 num_workers=args.num_workers, output=args.output, cache_dir=args.cache_dir,

@@ -16,14 +16,20 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from evaldata import imagenet_tree, tiny_vit, voc_tree  # noqa: E402
 
 from ssl_modules.evaluation import EvalDataError, ModelSourceError, evaluate, load_backbone  # noqa: E402
+
 from ssl_modules.evaluation.cli import main  # noqa: E402
 from ssl_modules.evaluation.datasets import imagenet_split, voc_split  # noqa: E402
 from ssl_modules.evaluation.transforms import normalise, resize_centre_crop, squash  # noqa: E402
 
+
+def evaluate_tiny(*args, **kwargs):
+    """``evaluate`` on the 4-class VOC tree of ``voc_tree``."""
+    return evaluate(*args, voc_classes=4, **kwargs)
+
 TINY = {"knn": {"image_size": 32},
         "linear": {"epochs": 2, "batch_size": 6, "image_size": 32},
-        "hummingbird": {"input_size": 32, "memory_size": 96, "num_classes": 4},
-        "voc-linear": {"iterations": 3, "batch_size": 4, "crop_size": 32, "stride": 24, "num_classes": 4}}
+        "hummingbird": {"input_size": 32, "memory_size": 96},
+        "voc-linear": {"iterations": 3, "batch_size": 4, "crop_size": 32, "stride": 24}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def _features(backbone, dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_knn_equals_dino_vote_on_the_same_features(data):
     backbone = tiny_vit()
-    report = evaluate(backbone, ["knn"], imagenet=data["imagenet"], overrides={"knn": {"image_size": 32}},
+    report = evaluate_tiny(backbone, ["knn"], imagenet=data["imagenet"], overrides={"knn": {"image_size": 32}},
                       batch_size=4, show_progress=False)
     transform = lambda image, index: normalise(resize_centre_crop(image, 32))  # noqa: E731
     bank, bank_labels = _features(backbone, imagenet_split(data["imagenet"], "train", transform))
@@ -65,7 +71,7 @@ def test_knn_equals_dino_vote_on_the_same_features(data):
 
 
 def test_hummingbird_floors_are_those_of_the_squashed_validation_masks(data):
-    report = evaluate(tiny_vit(), ["hummingbird"], voc=data["voc"], overrides={"hummingbird": TINY["hummingbird"]},
+    report = evaluate_tiny(tiny_vit(), ["hummingbird"], voc=data["voc"], overrides={"hummingbird": TINY["hummingbird"]},
                       batch_size=4, show_progress=False)
     result = report.results[0]
     val = voc_split(data["voc"], "val", lambda image, mask, index: squash(image, mask, 32), num_classes=4)
@@ -79,9 +85,9 @@ def test_hummingbird_floors_are_those_of_the_squashed_validation_masks(data):
 
 def test_hummingbird_ignore_handling_is_an_option(data):
     common = dict(voc=data["voc"], batch_size=4, show_progress=False)
-    mapped = evaluate(tiny_vit(), ["hummingbird"], overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None}},
+    mapped = evaluate_tiny(tiny_vit(), ["hummingbird"], overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None}},
                       **common)
-    left_out = evaluate(tiny_vit(), ["hummingbird"],
+    left_out = evaluate_tiny(tiny_vit(), ["hummingbird"],
                         overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None,
                                                    "background_for_ignore": False}}, **common)
     assert mapped.results[0].settings["background_for_ignore"] is True
@@ -95,13 +101,13 @@ def test_knn_and_linear_share_one_extraction_of_the_validation_set(data, monkeyp
     original = features.Extractor._extract
     monkeypatch.setattr(features.Extractor, "_extract",
                         lambda self, dataset, select, desc: calls.append(desc) or original(self, dataset, select, desc))
-    evaluate(tiny_vit(), ["knn", "knn"], imagenet=data["imagenet"], overrides={"knn": TINY["knn"]},
+    evaluate_tiny(tiny_vit(), ["knn", "knn"], imagenet=data["imagenet"], overrides={"knn": TINY["knn"]},
              batch_size=4, show_progress=False)
     assert calls == ["knn: train features", "knn: val features"]
 
 
 def test_linear_and_voc_linear_report_their_metrics_and_floors(data, tmp_path):
-    report = evaluate(tiny_vit(), ["linear", "voc-linear"], imagenet=data["imagenet"], voc=data["voc"],
+    report = evaluate_tiny(tiny_vit(), ["linear", "voc-linear"], imagenet=data["imagenet"], voc=data["voc"],
                       presets={"linear": "bam", "voc-linear": "vicregl"},
                       overrides={"linear": TINY["linear"], "voc-linear": TINY["voc-linear"]},
                       batch_size=4, show_progress=False, output=tmp_path)
@@ -117,9 +123,9 @@ def test_linear_and_voc_linear_report_their_metrics_and_floors(data, tmp_path):
 
 def test_missing_data_fails_before_any_extraction(tmp_path):
     with pytest.raises(EvalDataError, match="train"):
-        evaluate(tiny_vit(), ["knn"], imagenet=str(tmp_path / "nowhere"), show_progress=False)
+        evaluate_tiny(tiny_vit(), ["knn"], imagenet=str(tmp_path / "nowhere"), show_progress=False)
     with pytest.raises(ValueError, match="--voc"):
-        evaluate(tiny_vit(), ["hummingbird"], show_progress=False)
+        evaluate_tiny(tiny_vit(), ["hummingbird"], show_progress=False)
 
 
 def test_exported_backbone_and_timm_name_load(tmp_path):
@@ -165,7 +171,7 @@ def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys):
 
 
 def _evaluate_in_process(rank: int, world: int, data: dict[str, str]) -> list[dict]:
-    report = evaluate(tiny_vit(), ["knn", "hummingbird", "linear", "voc-linear"], imagenet=data["imagenet"],
+    report = evaluate_tiny(tiny_vit(), ["knn", "hummingbird", "linear", "voc-linear"], imagenet=data["imagenet"],
                       voc=data["voc"], presets={"linear": "dino", "voc-linear": "cribo"}, overrides=TINY,
                       batch_size=2, show_progress=False)
     return [r.metrics for r in report.results]
