@@ -39,6 +39,11 @@ class KNNProbe(Probe):
     cosine-similar bank images, and lets them vote with weights ``exp(sim / temperature)``. Logs
     ``probe/<name>_top1`` and ``probe/<name>_top5``.
 
+    Differs from the paper protocol (DINO's ``eval_knn.py``, ``python -m ssl_modules evaluate --protocols
+    knn``): the bank is a ``train_fraction`` subset (10 %, BAM's online monitor) instead of the whole train
+    set, images are at the DataModule's ``eval_size``, features under the trainer's precision, one ``k``.
+    ``KNNProbe.paper_protocol()`` gives the paper protocol as a callback (``docs/evaluation.md``).
+
     Under DDP every process embeds a shard of both sets; the bank is gathered on every process, each process
     searches for its own validation images and the accuracies are summed over processes, so all processes log
     the single-process value.

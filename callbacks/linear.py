@@ -77,6 +77,11 @@ class OnlineLinearProbe(Probe):
     - ``"auto"``: ``"batches"`` if the first training batch carries a label >= 0 on any process, else
       ``"loader"``.
 
+    Differs from the paper protocols (DINO/BAM/VICRegL linear evaluation, ``evaluate --protocols linear``):
+    the head trains while the backbone changes, on un-augmented ``crops[0]``, with a constant learning
+    rate, instead of 100 epochs on the final frozen backbone. ``OnlineLinearProbe.paper_protocol("bam")``
+    (or ``"dino"``, ``"vicregl"``) gives the paper protocol as a callback (``docs/evaluation.md``).
+
     Under DDP every process embeds its own images, the features and labels are all-gathered (in dataset-index
     order) and every process makes the same update on the same global batch: no DDP wrapper, identical heads.
 

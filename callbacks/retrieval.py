@@ -66,8 +66,11 @@ class DenseRetrievalProbe(Probe):
     3. the patch class scores are upsampled bilinearly to the mask size, argmax, and the mean IoU is logged as
        ``probe/<name>_miou`` (torchmetrics, 255 ignored).
 
-    Unlike the offline protocol (CrIBo §11: augmented memory images, 512 px, up to 10^7 entries), the memory
-    images use the DataModule's eval transform and the memory is as large as the subset, to stay cheap.
+    Differs from open-hummingbird-eval (``evaluate --protocols hummingbird``): no memory augmentation, at most
+    ``max_train_images`` memory images with uniform patch sampling (open-HB favours rare classes), 255
+    pixels left out of the labels unless ``background_for_ignore=True`` (open-HB maps them to background),
+    centre crops at ``eval_size`` instead of a 512 px squash, and mIoU over present classes without
+    Hungarian matching. ``DenseRetrievalProbe.paper_protocol()`` gives the paper protocol as a callback.
 
     Under DDP each process embeds a shard of the memory images; the memory is gathered (in image order) on
     every process, each process labels its own validation shard, and the IoU counts are summed, so every

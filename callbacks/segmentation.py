@@ -62,6 +62,11 @@ class VOCSegmentationProbe(Probe):
     numbers of successive evaluations differ only through the features. With a TensorBoard logger, rank 0
     also logs ``num_logged_images`` validation images with their ground truth and prediction.
 
+    Differs from the paper protocols (CrIBo's / VICRegL's linear segmentation, ``evaluate --protocols
+    voc-linear``): a few hundred steps on cached, un-augmented centre crops at ``eval_size`` of at most
+    ``max_train_images`` images, instead of 40k-80k iterations on augmented 512 px crops with sliding-window
+    inference. ``VOCSegmentationProbe.paper_protocol("cribo")`` gives the paper protocol as a callback.
+
     Under DDP each process embeds a shard of the training subset; the cache is gathered (in index order) on
     every process, every process trains the same head on the same batches, and the validation images are
     split between processes with the IoU counts summed, so every process logs the single-process value.
