@@ -17,6 +17,8 @@ SearchBackend = Literal["auto", "faiss", "torch"]
 SMALL_BANK = 512
 # Similarity entries one torch chunk may hold (128 MiB of float32).
 TORCH_CHUNK_ELEMENTS = 1 << 25
+# Queries searched together by the torch backend (the bank is then cut into blocks to fit the chunk).
+QUERY_BLOCK = 1024
 
 
 def choose_backend(bank: Tensor, backend: SearchBackend = "auto") -> Literal["faiss", "torch"]:
@@ -79,13 +81,26 @@ class FlatIndex:
         return self._torch_search(queries, k)
 
     def _torch_search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Blocks of queries against blocks of the bank (each similarity block at most
+        ``TORCH_CHUNK_ELEMENTS`` entries), the running top-k merged block by block: memory stays bounded
+        and the matrix products stay large for banks of millions of rows (Hummingbird's memory)."""
         bank = self._bank.to(queries.device)
-        rows = max(1, TORCH_CHUNK_ELEMENTS // self.size)
+        query_rows = min(max(1, queries.shape[0]), QUERY_BLOCK)
+        bank_rows = max(k, TORCH_CHUNK_ELEMENTS // query_rows)
         similarities, indices = [], []
-        for chunk in queries.detach().float().split(rows):
-            top = (chunk @ bank.T).topk(k, dim=1)
-            similarities.append(top.values)
-            indices.append(top.indices)
+        for chunk in queries.detach().float().split(query_rows):
+            best_values = best_indices = None
+            for start in range(0, self.size, bank_rows):
+                block = chunk @ bank[start:start + bank_rows].T
+                top = block.topk(min(k, block.shape[1]), dim=1)
+                values, found = top.values, top.indices + start
+                if best_values is not None:
+                    values, found = torch.cat([best_values, values], 1), torch.cat([best_indices, found], 1)
+                    merged = values.topk(k, dim=1)
+                    values, found = merged.values, found.gather(1, merged.indices)
+                best_values, best_indices = values, found
+            similarities.append(best_values)
+            indices.append(best_indices)
         return torch.cat(similarities), torch.cat(indices)
 
 

@@ -104,3 +104,16 @@ def test_head_schedules_are_the_recipes_formulas():
     assert lr_factor(poly, 40, 80) == pytest.approx(0.009 * 0.5**0.9 + 0.001)
     warm = HeadRecipe("adamw", 1e-4, 0.05, "poly", power=1.0, warmup_steps=10, warmup_ratio=0.0)
     assert lr_factor(warm, 5, 100) == pytest.approx(0.5e-4)
+
+
+def test_blocked_torch_search_equals_one_full_product(monkeypatch):
+    from ssl_modules.evaluation import search
+
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    expected = (queries @ bank.T).topk(7, dim=1)
+    monkeypatch.setattr(search, "TORCH_CHUNK_ELEMENTS", 16 * 40)  # 16 queries x 40 bank rows per block
+    monkeypatch.setattr(search, "QUERY_BLOCK", 16)
+    values, indices = FlatIndex(bank, "torch").search(queries, 7)
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(values, expected.values)
