@@ -3,6 +3,7 @@ CrIBo/BAM/VICRegL, or a timm model name — always as a frozen :class:`~ssl_modu
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def _checkpoint(path: Path, teacher: bool) -> Backbone:
         raise ModelSourceError(f"no checkpoint at {path}: pass the .ckpt a Trainer wrote (checkpoints/last.ckpt)")
     try:
         module = SSLModule.load_any(path)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError) as error:
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
         raise ModelSourceError(f"{path} could not be read as a checkpoint of this library: {error}") from error
     return _module_backbone(module, teacher)
 

@@ -187,3 +187,29 @@ def test_two_processes_give_the_one_process_numbers(data):
             assert one.keys() == two.keys()
             for key in one:
                 assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_a_checkpoint_is_evaluated_through_its_teacher_unless_the_student_is_asked_for(tmp_path):
+    import lightning.pytorch as pl
+
+    from conftest import TINY_VIT
+    from ssl_modules.cribo import CrIBo
+
+    module = CrIBo("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT), out_dim=32, object_out_dim=32,
+                   head_hidden_dim=32, head_bottleneck_dim=16, queue_size=8)
+    with torch.no_grad():
+        for parameter in module.teacher["backbone"].parameters():
+            parameter.add_(1.0)  # teacher != student
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "cribo.ckpt")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        teacher = load_backbone(tmp_path / "cribo.ckpt")(images).global_
+        student = load_backbone(tmp_path / "cribo.ckpt", teacher=False)(images).global_
+        assert torch.allclose(teacher, module.teacher["backbone"].eval()(images).global_)
+        assert torch.allclose(student, module.backbone.eval()(images).global_)
+    assert not torch.allclose(teacher, student)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelSourceError, match="broken.ckpt"):
+        load_backbone(tmp_path / "broken.ckpt")
