@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(voc-linear, hummingbird)")
     parser.add_argument("--voc-classes", type=int, default=21,
                         help="classes of the VOC-layout masks, background included (default 21, Pascal VOC)")
-    parser.add_argument("--official", choices=["cribo", "bam", "vicregl"],
-                        help="the model is an official checkpoint of this method")
+    parser.add_argument("--official", choices=["auto", "cribo", "bam", "vicregl"],
+                        help="the model is an official checkpoint of this method (auto: from its layout)")
     parser.add_argument("--student", action="store_true", help="evaluate the student backbone instead of the teacher")
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
                         help="feature precision (default 32: float32, as the protocols)")

@@ -28,8 +28,8 @@ def load_backbone(source: str | Path | nn.Module, official: str | None = None, t
         source: an ``SSLModule`` (its teacher backbone where it has one, as CrIBo and BAM evaluate), a
             ``Backbone``, a Lightning checkpoint ``.ckpt`` of this library, an exported ``backbone.pt`` (with
             its ``.json`` beside it), an official checkpoint (with ``official``), or a timm model name.
-        official: the method of an official checkpoint (``"cribo"``, ``"bam"``, ``"vicregl"``); loaded with
-            ``ssl_modules.official``.
+        official: the method of an official checkpoint (``"cribo"``, ``"bam"``, ``"vicregl"``, or ``"auto"``
+            to tell it from the checkpoint); loaded with ``ssl_modules.official.load_official``.
         teacher: take the teacher backbone where the module has one (False: the student).
         **timm_kwargs: ``timm.create_model`` arguments for a timm name (``img_size``, ``patch_size``, ...).
     """
@@ -47,7 +47,7 @@ def _resolve(source: Any, official: str | None, teacher: bool, timm_kwargs: dict
         return _module_backbone(source, teacher)
     path = Path(str(source)).expanduser()
     if official is not None:
-        return _official(path, official)
+        return _official(path, official, teacher)
     if path.suffix == ".ckpt" or (path.is_file() and path.suffix not in (".pt", ".pth", ".json")):
         return _checkpoint(path, teacher)
     if path.suffix in (".pt", ".pth", ".json"):
@@ -98,17 +98,21 @@ def _exported(path: Path) -> Backbone:
     return backbone
 
 
-def _official(path: Path, method: str) -> Backbone:
+def _official(path: Path, method: str, teacher: bool) -> Backbone:
+    """An official CrIBo/BAM/VICRegL training checkpoint, read by ``ssl_modules.official.load_official``
+    (``method="auto"`` tells the method from the checkpoint's layout)."""
     try:
         from ssl_modules import official as official_loaders
     except ImportError as error:
         raise ModelSourceError("official checkpoints need ssl_modules.official, which this installation lacks; "
                                "export the backbone with the official code's own tools instead") from error
-    loader = getattr(official_loaders, "load_official_backbone", None)
-    if loader is None:
-        raise ModelSourceError("ssl_modules.official has no load_official_backbone(path, method)")
-    backbone = loader(path, method)
-    return backbone if isinstance(backbone, Backbone) else _module_backbone(backbone, True)
+    if not path.is_file():
+        raise ModelSourceError(f"no official checkpoint at {path}")
+    try:
+        module = official_loaders.load_official(path, None if method == "auto" else method)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        raise ModelSourceError(f"{path} could not be read as an official {method} checkpoint: {error}") from error
+    return _module_backbone(module, teacher)
 
 
 def _timm(name: str, kwargs: dict[str, Any]) -> Backbone:
