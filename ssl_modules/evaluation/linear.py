@@ -158,13 +158,16 @@ def run_linear(extractor: Extractor, root: str, settings: LinearSettings) -> tup
     recipe = settings.recipe()
     optimizer = build_optimizer(head, recipe)
     batch_size = min(settings.batch_size, len(train))
+    if batch_size < distributed.world_size():
+        raise ValueError(f"a global batch of {batch_size} leaves some of the {distributed.world_size()} processes "
+                         "without images; use a batch_size of at least the number of processes")
     for epoch in progress(range(settings.epochs), settings.epochs, "linear: head training", extractor.show_progress):
         set_lr_(optimizer, lr_factor(recipe, epoch, settings.epochs))
         epoch_set = train.with_transform(_train_transform(settings.image_size, settings.seed, epoch))
         head.train()
-        for batch in global_batches(len(train), batch_size, settings.seed, epoch):
-            mine = local_slice(batch)
-            images, labels = next(iter(extractor.loader(epoch_set, [mine])))
+        batches = global_batches(len(train), batch_size, settings.seed, epoch)
+        loader = extractor.loader(epoch_set, [local_slice(batch) for batch in batches])  # one loader per epoch
+        for batch, (images, labels) in zip(batches, loader):
             with torch.no_grad(), extractor.autocast():
                 features = feature_fn(images.to(device)).float()
             labels = torch.as_tensor(labels, device=device)

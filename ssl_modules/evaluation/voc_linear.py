@@ -102,11 +102,11 @@ def _normalise(image: Tensor, pixel_norm: str) -> Tensor:
 
 
 class _TrainTransform:
-    def __init__(self, settings: VOCLinearSettings, step: int) -> None:
-        self.settings, self.step = settings, step
+    def __init__(self, settings: VOCLinearSettings, epoch: int) -> None:
+        self.settings, self.epoch = settings, epoch
 
     def __call__(self, image: Tensor, mask: Tensor, index: int) -> tuple[Tensor, Tensor]:
-        s, generator = self.settings, sample_generator(self.settings.seed, self.step, index)
+        s, generator = self.settings, sample_generator(self.settings.seed, self.epoch, index)
         ratio = 0.5 + 1.5 * float(torch.rand((), generator=generator))
         short = max(1, int(round(s.crop_size * ratio)))
         image = keep_ratio_resize(image, short)
@@ -159,20 +159,27 @@ def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings
     broadcast_parameters_(head)
     optimizer = build_optimizer(head, settings.recipe)
     batch_size = min(settings.batch_size, len(train))
-    steps = progress(range(settings.iterations), settings.iterations, "voc-linear: head training",
-                     extractor.show_progress)
-    epoch, queue = 0, []
-    for step in steps:
-        if not queue:
-            queue, epoch = global_batches(len(train), batch_size, settings.seed, epoch), epoch + 1
-        batch = queue.pop(0)
-        set_lr_(optimizer, lr_factor(settings.recipe, step, settings.iterations))
-        images, masks = next(iter(extractor.loader(train.with_transform(_TrainTransform(settings, step)),
-                                                   [local_slice(batch)])))
-        maps = dense_map(extractor.embed(images)).float()
-        masks = masks.to(device)
-        head.train()
-        train_step(head, optimizer, lambda: _pixel_loss(head, maps, masks), _labelled(masks, len(batch)))
+    if batch_size < distributed.world_size():
+        raise ValueError(f"a global batch of {batch_size} leaves some of the {distributed.world_size()} processes "
+                         "without images; use a batch_size of at least the number of processes")
+    bar = progress(range(settings.iterations), settings.iterations, "voc-linear: head training",
+                   extractor.show_progress)
+    steps, epoch = iter(bar), 0
+    step = next(steps, None)
+    while step is not None:  # one loader per pass over the training set; augmentation seeded by (pass, image)
+        batches = global_batches(len(train), batch_size, settings.seed, epoch)
+        loader = extractor.loader(train.with_transform(_TrainTransform(settings, epoch)),
+                                  [local_slice(batch) for batch in batches])
+        for batch, (images, masks) in zip(batches, loader):
+            set_lr_(optimizer, lr_factor(settings.recipe, step, settings.iterations))
+            maps = dense_map(extractor.embed(images)).float()
+            masks = masks.to(device)
+            head.train()
+            train_step(head, optimizer, lambda: _pixel_loss(head, maps, masks), _labelled(masks, len(batch)))
+            step = next(steps, None)
+            if step is None:
+                break
+        epoch += 1
     head.eval()
     return _score(extractor, head, voc_split(root, "val", _raw(settings), settings.num_classes), settings)
 
