@@ -12,8 +12,14 @@ from ssl_modules import distributed
 
 from .checks import require_at_least, require_choice, require_positive
 from .data import batch_chunks, fixed_subset
-from .embedding import (broadcast_module_, embed_images, embed_shard, gather_in_index_order, global_features,
-                        trainable_context)
+from .embedding import (
+    broadcast_module_,
+    embed_images,
+    embed_shard,
+    gather_in_index_order,
+    global_features,
+    trainable_context,
+)
 from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
 from .metrics import compute_all, top_k_accuracies, update_all
 from .probe import Probe

@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from evaldata import imagenet_tree, tiny_vit, voc_tree  # noqa: E402
 
 from ssl_modules.evaluation import EvalDataError, ModelSourceError, evaluate, load_backbone  # noqa: E402
-
 from ssl_modules.evaluation.cli import main  # noqa: E402
 from ssl_modules.evaluation.datasets import imagenet_split, voc_split  # noqa: E402
 from ssl_modules.evaluation.transforms import normalise, resize_centre_crop, squash  # noqa: E402
@@ -191,8 +190,8 @@ def test_two_processes_give_the_one_process_numbers(data):
 
 def test_a_checkpoint_is_evaluated_through_its_teacher_unless_the_student_is_asked_for(tmp_path):
     import lightning.pytorch as pl
-
     from conftest import TINY_VIT
+
     from ssl_modules.cribo import CrIBo
 
     module = CrIBo("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT), out_dim=32, object_out_dim=32,
