@@ -8,7 +8,9 @@ every process logging the same value, and keeps its state in the Lightning check
 from .diagnostics import VisualDiagnostics
 from .knn import KNNProbe
 from .linear import OnlineLinearProbe
+from .paper import PaperProtocolProbe
 from .retrieval import DenseRetrievalProbe
 from .segmentation import VOCSegmentationProbe
 
-__all__ = ["OnlineLinearProbe", "KNNProbe", "VOCSegmentationProbe", "DenseRetrievalProbe", "VisualDiagnostics"]
+__all__ = ["OnlineLinearProbe", "KNNProbe", "VOCSegmentationProbe", "DenseRetrievalProbe", "VisualDiagnostics",
+           "PaperProtocolProbe"]

@@ -29,6 +29,7 @@ __all__ = [
     "batch_chunks",
     "shard_batches",
     "sharded_loader",
+    "check_probe_datasets",
 ]
 
 _REQUIREMENTS = {
@@ -118,3 +119,34 @@ def sharded_loader(dataset: Dataset, batches: Sequence[list[int]], num_workers: 
     """
     return DataLoader(dataset, batch_sampler=list(batches), num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+
+
+def check_probe_datasets(probe: str, data: Any, kind: Literal["classification", "segmentation"],
+                         image_size: int | None = None) -> None:
+    """Fail before training when a probe's data cannot be read: both splits exist and are not empty, their
+    first item reads, and (segmentation) every mask has its image's size (read from the file headers)."""
+    for split in ("train", "val"):
+        try:
+            dataset = (data.eval_dataset(split) if kind == "classification"
+                       else data.segmentation_dataset(split, image_size))
+            if len(dataset) == 0:
+                raise ValueError(f"the {split} split is empty")
+            dataset[0]
+            if kind == "segmentation":
+                _check_mask_sizes(dataset)
+        except Exception as error:
+            raise ProbeDataError(f"{probe}: its {kind} data ({type(data).__name__}) cannot be read for the "
+                                 f"{split} split: {error}") from error
+
+
+def _check_mask_sizes(dataset: Any) -> None:
+    images, masks = getattr(dataset, "files", None), getattr(dataset, "masks", None)
+    if images is None or masks is None:
+        return
+    from PIL import Image
+
+    for image, mask in zip(images, masks):
+        with Image.open(image) as a, Image.open(mask) as b:
+            if a.size != b.size:
+                raise ValueError(f"{mask} is {b.size[1]}x{b.size[0]} but its image {image} is "
+                                 f"{a.size[1]}x{a.size[0]}; every mask must have its image's size")

@@ -20,7 +20,8 @@ from ssl_modules import distributed
 from ssl_modules.backbones import Features
 from ssl_modules.distributed import gather_in_index_order
 
-from .data import sharded_loader
+from .data import shard_batches, sharded_loader
+from .progress import probe_progress
 
 __all__ = [
     "FeatureSelector",
@@ -83,20 +84,21 @@ def embed_shard(
     chunks: Sequence[list[int]],
     select: FeatureSelector,
     num_workers: int = 0,
+    desc: str = "probe features",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Features, targets and dataset indices of this process's batches ``chunks[rank::world_size]``.
 
     Returns tensors on the module's device. A process without a batch returns zero rows of the right shapes
     (it embeds the set's first image to learn them), so that gathering works on every process.
     """
-    rank, world = distributed.rank(), distributed.world_size()
-    batches = list(chunks[rank::world]) or [chunks[0][:1]]
+    mine = shard_batches(chunks, distributed.rank(), distributed.world_size())
+    batches = mine or [chunks[0][:1]]
     features, targets = [], []
-    for images, target in sharded_loader(dataset, batches, num_workers):
+    for images, target in probe_progress(trainer, sharded_loader(dataset, batches, num_workers), len(batches), desc):
         features.append(select(embed_images(trainer, pl_module, images)))
         targets.append(torch.as_tensor(target).to(pl_module.device))
     index = torch.tensor([i for batch in batches for i in batch], dtype=torch.long, device=pl_module.device)
-    if not chunks[rank::world]:
+    if not mine:
         return features[0][:0], targets[0][:0], index[:0]
     return torch.cat(features), torch.cat(targets), index
 

@@ -5,6 +5,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import require_at_least, require_choice, require_fraction, require_positive
 from .data import batch_chunks, fixed_subset
 from .embedding import embed_shard, gather_in_index_order, global_features
 from .metrics import compute_all, top_k_accuracies, update_all
@@ -38,6 +39,11 @@ class KNNProbe(Probe):
     cosine-similar bank images, and lets them vote with weights ``exp(sim / temperature)``. Logs
     ``probe/<name>_top1`` and ``probe/<name>_top5``.
 
+    Differs from the paper protocol (DINO's ``eval_knn.py``, ``python -m ssl_modules evaluate --protocols
+    knn``): the bank is a ``train_fraction`` subset (10 %, BAM's online monitor) instead of the whole train
+    set, images are at the DataModule's ``eval_size``, features under the trainer's precision, one ``k``.
+    ``KNNProbe.paper_protocol()`` gives the paper protocol as a callback (``docs/evaluation.md``).
+
     Under DDP every process embeds a shard of both sets; the bank is gathered on every process, each process
     searches for its own validation images and the accuracies are summed over processes, so all processes log
     the single-process value.
@@ -53,13 +59,14 @@ class KNNProbe(Probe):
         batch_size: images per embedding batch and process.
         backend: nearest-neighbour search: ``"faiss"`` (faiss-cpu ``IndexFlatIP``), ``"torch"`` (chunked
             matrix products, best on GPUs) or ``"auto"`` (torch on accelerators and for small banks).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process (``None``: the DataModule's ``num_workers``).
         data: classification DataModule (``num_classes``, ``eval_dataset(split)``); ``None``: the trainer's.
         seed: seed of the subsets.
         name: metric prefix (``probe/<name>_top1``) and checkpoint key.
     """
 
     data_kind = "classification"
+    paper_protocol_name = "knn"
 
     def __init__(
         self,
@@ -71,18 +78,16 @@ class KNNProbe(Probe):
         max_val_images: int | None = None,
         batch_size: int = 256,
         backend: SearchBackend = "auto",
-        num_workers: int = 4,
+        num_workers: int | None = None,
         data: pl.LightningDataModule | None = None,
         seed: int = 0,
         name: str = "knn",
     ) -> None:
         super().__init__(name, every_n_epochs, data, seed)
-        if k < 1 or temperature <= 0 or batch_size < 1:
-            raise ValueError(f"k={k} and batch_size={batch_size} must be >= 1 and temperature={temperature} > 0")
-        if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"train_fraction={train_fraction} must lie in (0, 1]")
-        if backend not in ("auto", "faiss", "torch"):
-            raise ValueError(f"backend={backend!r}; use 'auto', 'faiss' or 'torch'")
+        require_at_least(1, k=k, batch_size=batch_size)
+        require_positive(temperature=temperature)
+        require_fraction("train_fraction", train_fraction)
+        require_choice("backend", backend, ("auto", "faiss", "torch"))
         self.k, self.temperature, self.backend = k, temperature, backend
         self.train_fraction, self.max_train_images = train_fraction, max_train_images
         self.max_val_images = max_val_images
@@ -96,7 +101,7 @@ class KNNProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the validation set is empty")
         queries, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
-                                         global_features, self.num_workers)
+                                         global_features, self.num_workers, f"{self.name}: val features")
         similarities, neighbours = nearest_neighbours(F.normalize(queries, dim=1), bank, self.k, self.backend)
         scores = weighted_knn_scores(similarities, bank_labels.to(neighbours.device)[neighbours], data.num_classes,
                                      self.temperature)
@@ -104,12 +109,16 @@ class KNNProbe(Probe):
         update_all(metrics, scores, labels.long().to(scores.device))
         return compute_all(metrics)
 
+    def floors(self) -> dict[str, float]:
+        classes = self.probe_data.num_classes
+        return {"top1": 1.0 / classes, "top5": min(5, classes) / classes}
+
     def embed_bank(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_set) -> tuple[Tensor, Tensor]:
         """The l2-normalised bank features ``(M, C)`` and labels ``(M,)`` of every process, in index order."""
         subset = fixed_subset(len(train_set), self.train_fraction, self.max_train_images, self.seed)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the training set is empty; there is no bank to search")
         features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                              global_features, self.num_workers)
+                                              global_features, self.num_workers, f"{self.name}: bank features")
         _, features, labels = gather_in_index_order(index, features, labels)
         return F.normalize(features, dim=1), labels.long()

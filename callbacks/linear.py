@@ -10,14 +10,23 @@ from torch import Tensor, nn
 
 from ssl_modules import distributed
 
+from .checks import require_at_least, require_choice, require_positive
 from .data import batch_chunks, fixed_subset
-from .embedding import (broadcast_module_, embed_images, embed_shard, gather_in_index_order, global_features,
-                        trainable_context)
+from .embedding import (
+    broadcast_module_,
+    embed_images,
+    embed_shard,
+    gather_in_index_order,
+    global_features,
+    trainable_context,
+)
+from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
 from .metrics import compute_all, top_k_accuracies, update_all
 from .probe import Probe
+from .progress import probe_progress
 from .stream import LabelledStream
 
-__all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images"]
+__all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images", "step_embedding"]
 
 
 class LinearClassifier(nn.Module):
@@ -51,17 +60,33 @@ def labelled_images(batch: Any) -> tuple[Tensor, Tensor, Tensor | None] | None:
     return None
 
 
+def step_embedding(outputs: Any, batch_size: int) -> Tensor | None:
+    """The detached ``(B, C)`` global feature of ``crops[0]`` a training step returned as
+    ``outputs["embedding"]`` (the methods' fast path), or ``None`` when it returned none."""
+    embedding = outputs.get("embedding") if isinstance(outputs, dict) else None
+    if isinstance(embedding, Tensor) and embedding.dim() == 2 and embedding.shape[0] == batch_size:
+        return embedding
+    return None
+
+
 class OnlineLinearProbe(Probe):
     """A linear classifier on the detached global features of ``pl_module.embed``, with its own optimizer.
 
     Training, after every training batch (``on_train_batch_end``), one step of its own optimizer on:
 
     - ``train_on="batches"``: the training batch itself — ``Views.crops[0]`` with ``Views.label`` (rows with
-      label -1 are skipped), or an ``(images, labels)`` batch;
+      label -1 are skipped), or an ``(images, labels)`` batch. When the training step returns
+      ``{"loss": ..., "embedding": (B, C)}`` (every method of the library does), the probe trains on that
+      embedding of ``crops[0]`` and makes no backbone call of its own;
     - ``train_on="loader"``: a batch of the probe's own labelled loader over ``data.eval_dataset("train")``,
       for pretraining data without labels (COCO);
     - ``"auto"``: ``"batches"`` if the first training batch carries a label >= 0 on any process, else
       ``"loader"``.
+
+    Differs from the paper protocols (DINO/BAM/VICRegL linear evaluation, ``evaluate --protocols linear``):
+    the head trains while the backbone changes, on un-augmented ``crops[0]``, with a constant learning
+    rate, instead of 100 epochs on the final frozen backbone. ``OnlineLinearProbe.paper_protocol("bam")``
+    (or ``"dino"``, ``"vicregl"``) gives the paper protocol as a callback (``docs/evaluation.md``).
 
     Under DDP every process embeds its own images, the features and labels are all-gathered (in dataset-index
     order) and every process makes the same update on the same global batch: no DDP wrapper, identical heads.
@@ -85,13 +110,14 @@ class OnlineLinearProbe(Probe):
         max_val_images: cap on the validation images (a fixed random subset); ``None`` for all.
         validate_steps: training steps of a head that has never been trained (on cached features of the
             labelled training images).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process (``None``: the DataModule's ``num_workers``).
         data: classification DataModule (``num_classes``, ``eval_dataset(split)``); ``None``: the trainer's.
         seed: seed of the head initialisation, the loader order and the validation subset.
         name: metric prefix (``probe/<name>_top1``) and checkpoint key.
     """
 
     data_kind = "classification"
+    paper_protocol_name = "linear"
 
     def __init__(
         self,
@@ -105,18 +131,17 @@ class OnlineLinearProbe(Probe):
         every_n_epochs: int = 1,
         max_val_images: int | None = None,
         validate_steps: int = 300,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         data: pl.LightningDataModule | None = None,
         seed: int = 0,
         name: str = "linear",
     ) -> None:
         super().__init__(name, every_n_epochs, data, seed)
-        if train_on not in ("auto", "batches", "loader"):
-            raise ValueError(f"train_on={train_on!r}; use 'auto', 'batches' or 'loader'")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer={optimizer!r}; use 'sgd' or 'adamw'")
-        if lr <= 0 or batch_size < 1 or validate_steps < 0:
-            raise ValueError(f"lr={lr} must be > 0, batch_size={batch_size} >= 1, validate_steps={validate_steps} >= 0")
+        require_choice("train_on", train_on, ("auto", "batches", "loader"))
+        require_choice("optimizer", optimizer, PROBE_OPTIMIZERS)
+        require_positive(lr=lr)
+        require_at_least(1, batch_size=batch_size)
+        require_at_least(0, validate_steps=validate_steps)
         self.train_on, self.optimizer_name = train_on, optimizer
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.batch_size, self.normalize, self.max_val_images = batch_size, normalize, max_val_images
@@ -132,14 +157,10 @@ class OnlineLinearProbe(Probe):
     # ------------------------------------------------------------------------------------- parts
     def build_head(self, in_features: int, device: torch.device) -> LinearClassifier:
         """The head (seeded) and its optimizer, restored from a checkpoint state if one is waiting."""
-        with torch.random.fork_rng(devices=[]):  # the layers' default initialisation must not touch the global RNG
-            generator = torch.Generator().manual_seed(self.seed)
-            head = LinearClassifier(in_features, self.probe_data.num_classes, self.normalize, generator).to(device)
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(head.parameters(), lr=self.lr, momentum=self.momentum,
-                                        weight_decay=self.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        classes = self.probe_data.num_classes
+        head = seeded_head(lambda generator: LinearClassifier(in_features, classes, self.normalize, generator),
+                           self.seed, device)
+        optimizer = probe_optimizer(head, self.optimizer_name, self.lr, self.weight_decay, self.momentum)
         if self._pending is not None:
             head.load_state_dict(self._pending["head"])
             optimizer.load_state_dict(self._pending["optimizer"])
@@ -158,6 +179,10 @@ class OnlineLinearProbe(Probe):
     # ---------------------------------------------------------------------------------- training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self.guarded("head training", lambda: self.train_on_batch(trainer, pl_module, outputs, batch))
+
+    def train_on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        """One head update from this training batch (or the probe's own loader)."""
         with trainable_context():
             if self.choose_source(batch, pl_module.device) == "batches":
                 found = labelled_images(batch)
@@ -166,11 +191,44 @@ class OnlineLinearProbe(Probe):
                                     f"(Views or (images, labels)); got {type(batch).__name__}. "
                                     "Use train_on='loader' to train on the probe's own labelled data.")
                 images, labels, index = found
+                embedding = step_embedding(outputs, images.shape[0])
+                if embedding is not None:
+                    loss = self.train_on_step_embedding(embedding, labels, index)
+                else:
+                    loss = self.train_step(trainer, pl_module, images, labels, index)
             else:
                 images, labels, index = self.stream().next()
-            loss = self.train_step(trainer, pl_module, images, labels, index)
+                loss = self.train_step(trainer, pl_module, images, labels, index)
         if loss is not None:
             self.log_value(pl_module, "loss", loss, on_step=True)
+
+    def train_on_step_embedding(self, embedding: Tensor, labels: Tensor, index: Tensor | None) -> Tensor:
+        """One update on the features the training step already computed (no second backbone forward).
+
+        Training batches have the same size on every process, so a fixed-size all-gather suffices and the
+        rows are put in dataset-index order on the device (no host synchronisation).
+        """
+        device = embedding.device
+        labels = labels.to(device).long()
+        features = distributed.all_gather_no_grad(embedding.detach().float())
+        labels = distributed.all_gather_no_grad(labels)
+        if index is not None:
+            order = distributed.all_gather_no_grad(index.to(device).long()).argsort(stable=True)
+            features, labels = features[order], labels[order]
+        return self.update_head_masked(features, labels)
+
+    def update_head_masked(self, features: Tensor, labels: Tensor) -> Tensor:
+        """One optimizer step on a global batch, rows with label -1 weighted 0 (shape-static, no host sync)."""
+        head = self.head if self.head is not None else self.build_head(features.shape[1], features.device)
+        head.train()
+        keep = labels >= 0
+        losses = F.cross_entropy(head(features), labels.clamp(min=0), reduction="none")
+        loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach()
 
     def choose_source(self, batch: Any, device: torch.device) -> str:
         """The training source, decided once (the same on every process) for ``train_on="auto"``."""
@@ -219,12 +277,12 @@ class OnlineLinearProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the training set is empty; there is nothing to train the head on")
         features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                              global_features, self.num_workers)
+                                              global_features, self.num_workers, f"{self.name}: train features")
         _, features, labels = gather_in_index_order(index, features, labels)
         labels = labels.long()
         generator = torch.Generator().manual_seed(self.seed)
         batches: list[Tensor] = []
-        for _ in range(steps):
+        for _ in probe_progress(trainer, range(steps), steps, f"{self.name}: head training"):
             if not batches:
                 order = torch.randperm(features.shape[0], generator=generator)
                 batches = list(order.split(self.batch_size))
@@ -241,7 +299,7 @@ class OnlineLinearProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the validation set is empty")
         features, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
-                                          global_features, self.num_workers)
+                                          global_features, self.num_workers, f"{self.name}: val features")
         head = self.head if self.head is not None else self.build_head(features.shape[1], pl_module.device)
         broadcast_module_(head)
         head.eval()
@@ -250,6 +308,10 @@ class OnlineLinearProbe(Probe):
         metrics = top_k_accuracies(data.num_classes, logits.device)
         update_all(metrics, logits, labels.long())
         return compute_all(metrics)
+
+    def floors(self) -> dict[str, float]:
+        classes = self.probe_data.num_classes
+        return {"top1": 1.0 / classes, "top5": min(5, classes) / classes}
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -1,17 +1,22 @@
 """``Probe``: what every online probe shares — when it runs, where its data comes from, how it logs."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from .data import prepare_probe_data, resolve_probe_data
+from .data import check_probe_datasets, prepare_probe_data, resolve_probe_data
 from .embedding import require_embed, trainable_context
 
 __all__ = ["Probe"]
+
+log = logging.getLogger("callbacks.probes")
 
 
 class Probe(Callback):
@@ -26,6 +31,15 @@ class Probe(Callback):
     callback ``save_on_train_epoch_end=True``: otherwise it looks for the metric after validation, before the
     probe has logged it.
 
+    Failures: the probe's data is checked when ``fit`` or ``validate`` starts (layout, one sample read, mask
+    sizes), so a broken data set stops the run before the first training step. An exception while the probe
+    runs later never stops training: it is reported once (an error log with the probe and the exception),
+    the probe disables itself and the message is appended to ``failures`` (the CLI lists them at the end
+    and exits non-zero, after the checkpoint and the export are written).
+
+    Results: ``last_metrics`` (metric -> value of the last evaluation) and ``last_floors`` (metric -> its
+    trivial floor: chance top-1, all-background mIoU, ...).
+
     Args:
         name: prefix of the logged metrics (``probe/<name>_top1``) and of the checkpoint state key; give two
             probes of one class different names.
@@ -36,6 +50,8 @@ class Probe(Callback):
     """
 
     data_kind: Literal["classification", "segmentation"] = "classification"
+    #: the ``evaluate`` protocol this probe monitors cheaply (``paper_protocol`` builds it as a callback)
+    paper_protocol_name: str | None = None
 
     def __init__(self, name: str, every_n_epochs: int = 1, data: pl.LightningDataModule | None = None,
                  seed: int = 0) -> None:
@@ -46,7 +62,19 @@ class Probe(Callback):
             raise ValueError("name must be a non-empty string (it prefixes the logged metrics)")
         self.name, self.every_n_epochs, self.data, self.seed = name, every_n_epochs, data, seed
         self.last_metrics: dict[str, float] = {}
+        self.last_floors: dict[str, float] = {}
+        self.failures: list[str] = []
         self._resolved: Any = None
+
+    @classmethod
+    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> "Probe":
+        """The paper-protocol version of this probe: a ``PaperProtocolProbe`` running ``evaluate``'s
+        protocol (``docs/evaluation.md``) with ``preset``; ``kwargs`` go to ``PaperProtocolProbe``."""
+        if cls.paper_protocol_name is None:
+            raise TypeError(f"{cls.__name__} has no paper protocol")
+        from .paper import PaperProtocolProbe
+
+        return PaperProtocolProbe(cls.paper_protocol_name, preset, **kwargs)
 
     # -------------------------------------------------------------------------------- identity
     @property
@@ -72,6 +100,43 @@ class Probe(Callback):
         require_embed(type(self).__name__, pl_module)
         self._resolved = resolve_probe_data(type(self).__name__, self.data, trainer, self.data_kind)
         prepare_probe_data(self.data, trainer, stage)
+        check_probe_datasets(type(self).__name__, self._resolved, self.data_kind, self.probe_image_size)
+        self.inherit_num_workers(self._resolved)
+
+    @property
+    def probe_image_size(self) -> int | None:
+        """The side of the probe's segmentation images (``None``: the DataModule's ``eval_size``)."""
+        return getattr(self, "image_size", None)
+
+    def inherit_num_workers(self, data: Any) -> None:
+        """A probe built with ``num_workers=None`` uses its data's ``num_workers`` (re-read at every setup)."""
+        if not hasattr(self, "num_workers"):
+            return
+        if not hasattr(self, "_configured_num_workers"):
+            self._configured_num_workers = self.num_workers
+        if self._configured_num_workers is None:
+            self.num_workers = int(getattr(data, "num_workers", 0) or 0)
+
+    # --------------------------------------------------------------------------------- failures
+    @property
+    def disabled(self) -> bool:
+        return bool(self.failures)
+
+    def guarded(self, what: str, function: Callable[[], Any]) -> Any:
+        """``function()``; an exception disables the probe, is reported once and recorded in ``failures``."""
+        if self.disabled:
+            return None
+        try:
+            return function()
+        except Exception as error:  # noqa: BLE001  (an optional part never stops training)
+            message = f"{type(self).__name__}[{self.name}] failed during {what}: {type(error).__name__}: {error}"
+            self.failures.append(message)
+            self._report(message)
+            return None
+
+    @rank_zero_only
+    def _report(self, message: str) -> None:
+        log.error("%s (the probe is disabled; training continues)", message)
 
     # ------------------------------------------------------------------------------------- when
     def is_due(self, trainer: pl.Trainer) -> bool:
@@ -93,12 +158,12 @@ class Probe(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.is_due(trainer):
-            self.run(trainer, pl_module)
+            self.guarded("evaluation", lambda: self.run(trainer, pl_module))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # During fit the probe runs at the end of the training epoch; here only for trainer.validate(...).
         if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
+            self.guarded("evaluation", lambda: self.run(trainer, pl_module))
 
     # ---------------------------------------------------------------------------------- running
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -106,6 +171,7 @@ class Probe(Callback):
         with trainable_context():
             metrics = self.evaluate(trainer, pl_module)
         self.last_metrics = dict(metrics)
+        self.last_floors = {k: v for k, v in self.floors().items() if k in metrics}
         for metric, value in metrics.items():
             self.log_value(pl_module, metric, value)
         return metrics
@@ -113,6 +179,10 @@ class Probe(Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The probe's metrics, equal on every process (``metric -> value``, logged as ``probe/<name>_<metric>``)."""
         raise NotImplementedError
+
+    def floors(self) -> dict[str, float]:
+        """The trivial floor of each metric (metric -> value); probes override where one exists."""
+        return {}
 
     def log_value(self, pl_module: pl.LightningModule, metric: str, value: float | Tensor,
                   on_step: bool = False) -> None:

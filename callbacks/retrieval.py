@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_modules import distributed
-
-from .data import batch_chunks, fixed_subset, sharded_loader
-from .embedding import dense_maps, embed_images, embed_shard, gather_in_index_order
-from .metrics import IGNORE_INDEX, compute_all, mean_iou, update_all
+from .checks import require_at_least, require_choice, require_fraction, require_positive
+from .data import batch_chunks, fixed_subset
+from .dense import dense_evaluation
+from .embedding import dense_maps, embed_shard, gather_in_index_order
+from .metrics import IGNORE_INDEX
 from .probe import Probe
 from .search import FlatIndex, SearchBackend
 from .segmentation import upsample_logits
@@ -66,8 +66,11 @@ class DenseRetrievalProbe(Probe):
     3. the patch class scores are upsampled bilinearly to the mask size, argmax, and the mean IoU is logged as
        ``probe/<name>_miou`` (torchmetrics, 255 ignored).
 
-    Unlike the offline protocol (CrIBo §11: augmented memory images, 512 px, up to 10^7 entries), the memory
-    images use the DataModule's eval transform and the memory is as large as the subset, to stay cheap.
+    Differs from open-hummingbird-eval (``evaluate --protocols hummingbird``): no memory augmentation, at most
+    ``max_train_images`` memory images with uniform patch sampling (open-HB favours rare classes), 255
+    pixels left out of the labels unless ``background_for_ignore=True`` (open-HB maps them to background),
+    centre crops at ``eval_size`` instead of a 512 px squash, and mIoU over present classes without
+    Hungarian matching. ``DenseRetrievalProbe.paper_protocol()`` gives the paper protocol as a callback.
 
     Under DDP each process embeds a shard of the memory images; the memory is gathered (in image order) on
     every process, each process labels its own validation shard, and the IoU counts are summed, so every
@@ -85,7 +88,9 @@ class DenseRetrievalProbe(Probe):
         batch_size: images per embedding batch and process.
         backend: nearest-neighbour search: ``"faiss"``, ``"torch"`` or ``"auto"`` (torch on accelerators
             and for small memories).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process (``None``: the DataModule's ``num_workers``).
+        background_for_ignore: memory labels count 255 pixels as background (open-hummingbird-eval's rule)
+            instead of leaving them out.
         data: segmentation DataModule (``num_seg_classes``, ``segmentation_dataset(split, size)``); ``None``:
             the trainer's.
         seed: seed of the subsets and of the patch sampling.
@@ -93,6 +98,7 @@ class DenseRetrievalProbe(Probe):
     """
 
     data_kind = "segmentation"
+    paper_protocol_name = "hummingbird"
 
     def __init__(
         self,
@@ -106,20 +112,19 @@ class DenseRetrievalProbe(Probe):
         image_size: int | None = None,
         batch_size: int = 16,
         backend: SearchBackend = "auto",
-        num_workers: int = 4,
+        num_workers: int | None = None,
         data: pl.LightningDataModule | None = None,
         seed: int = 0,
         name: str = "retrieval",
+        background_for_ignore: bool = False,
     ) -> None:
         super().__init__(name, every_n_epochs, data, seed)
-        if k < 1 or temperature <= 0 or batch_size < 1:
-            raise ValueError(f"k={k} and batch_size={batch_size} must be >= 1 and temperature={temperature} > 0")
-        if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"train_fraction={train_fraction} must lie in (0, 1]")
-        if patches_per_image is not None and patches_per_image < 1:
-            raise ValueError(f"patches_per_image={patches_per_image} must be >= 1 or None (every patch)")
-        if backend not in ("auto", "faiss", "torch"):
-            raise ValueError(f"backend={backend!r}; use 'auto', 'faiss' or 'torch'")
+        require_at_least(1, k=k, batch_size=batch_size, patches_per_image=patches_per_image)
+        require_positive(temperature=temperature)
+        require_fraction("train_fraction", train_fraction)
+        require_choice("backend", backend, ("auto", "faiss", "torch"))
+        self.background_for_ignore = background_for_ignore
+        self._floor: float | None = None
         self.k, self.temperature, self.backend = k, temperature, backend
         self.train_fraction, self.max_train_images = train_fraction, max_train_images
         self.patches_per_image, self.max_val_images, self.image_size = patches_per_image, max_val_images, image_size
@@ -128,6 +133,9 @@ class DenseRetrievalProbe(Probe):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features, labels = self.build_memory(trainer, pl_module)
         return {"miou": self.validation_miou(trainer, pl_module, FlatIndex(features, self.backend), labels)}
+
+    def floors(self) -> dict[str, float]:
+        return {"miou": self._floor} if self._floor is not None else {}
 
     # --------------------------------------------------------------------------------- memory
     def build_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
@@ -138,7 +146,9 @@ class DenseRetrievalProbe(Probe):
         if not subset:
             raise ValueError(f"{type(self).__name__}: the segmentation training set is empty; no memory to build")
         maps, masks, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                         dense_maps, self.num_workers)
+                                         dense_maps, self.num_workers, f"{self.name}: memory features")
+        if self.background_for_ignore:
+            masks = torch.where(masks == IGNORE_INDEX, torch.zeros_like(masks), masks)
         features, labels, owner = self.memory_entries(maps, masks, index)
         _, features, labels = gather_in_index_order(owner, features, labels)
         if features.shape[0] == 0:
@@ -169,18 +179,13 @@ class DenseRetrievalProbe(Probe):
     @torch.no_grad()
     def validation_miou(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: FlatIndex,
                         memory_labels: Tensor) -> float:
-        """mIoU of retrieval labelling on this process's validation shard, summed over processes."""
-        val_set = self.probe_data.segmentation_dataset("val", self.image_size)
-        subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
-        if not subset:
-            raise ValueError(f"{type(self).__name__}: the segmentation validation set is empty")
-        metric = {"miou": mean_iou(self.probe_data.num_seg_classes, pl_module.device)}
-        batches = batch_chunks(subset, self.batch_size)[distributed.rank():: distributed.world_size()]
-        for images, masks in sharded_loader(val_set, batches, self.num_workers):
-            maps = dense_maps(embed_images(trainer, pl_module, images))
-            masks = masks.to(pl_module.device).long()
-            update_all(metric, self.label_maps(maps, index, memory_labels, masks.shape[-2:]), masks)
-        return compute_all(metric)["miou"]
+        """mIoU of retrieval labelling of the validation subset (every process the same value)."""
+        def predict(maps: Tensor, size: tuple[int, int]) -> Tensor:
+            return self.label_maps(maps, index, memory_labels, size)
+
+        result = dense_evaluation(self, trainer, pl_module, predict)
+        self._floor = result["miou_floor"]
+        return result["miou"]
 
     def label_maps(self, maps: Tensor, index: FlatIndex, memory_labels: Tensor, size: Any) -> Tensor:
         """Predicted pixel labels ``(B, S, S)`` of feature maps ``(B, C, h, w)`` by retrieval."""

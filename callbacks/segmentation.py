@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_modules import distributed
-
-from .data import batch_chunks, fixed_subset, sharded_loader
+from .checks import require_at_least, require_choice, require_positive
+from .data import batch_chunks, fixed_subset
+from .dense import dense_evaluation
 from .diagnostics import log_segmentation_examples
-from .embedding import broadcast_module_, dense_maps, embed_images, embed_shard, gather_in_index_order
-from .metrics import IGNORE_INDEX, compute_all, mean_iou, update_all
+from .embedding import broadcast_module_, dense_maps, embed_shard, gather_in_index_order
+from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
+from .metrics import IGNORE_INDEX
 from .probe import Probe
+from .progress import probe_progress
 
 __all__ = ["VOCSegmentationProbe", "LinearSegmentationHead", "upsample_logits"]
 
@@ -60,6 +62,11 @@ class VOCSegmentationProbe(Probe):
     numbers of successive evaluations differ only through the features. With a TensorBoard logger, rank 0
     also logs ``num_logged_images`` validation images with their ground truth and prediction.
 
+    Differs from the paper protocols (CrIBo's / VICRegL's linear segmentation, ``evaluate --protocols
+    voc-linear``): a few hundred steps on cached, un-augmented centre crops at ``eval_size`` of at most
+    ``max_train_images`` images, instead of 40k-80k iterations on augmented 512 px crops with sliding-window
+    inference. ``VOCSegmentationProbe.paper_protocol("cribo")`` gives the paper protocol as a callback.
+
     Under DDP each process embeds a shard of the training subset; the cache is gathered (in index order) on
     every process, every process trains the same head on the same batches, and the validation images are
     split between processes with the IoU counts summed, so every process logs the single-process value.
@@ -75,7 +82,7 @@ class VOCSegmentationProbe(Probe):
         max_train_images: training images in the cache (a fixed random subset); ``None`` for all.
         max_val_images: validation images (a fixed random subset); ``None`` for all.
         num_logged_images: validation examples logged to TensorBoard (0 for none).
-        num_workers: loader workers per process.
+        num_workers: loader workers per process (``None``: the DataModule's ``num_workers``).
         data: segmentation DataModule (``num_seg_classes``, ``segmentation_dataset(split, size)``), e.g.
             ``VOCSegmentationDataModule(root)``; ``None``: the trainer's.
         seed: seed of the subsets, the head initialisation and its batches.
@@ -83,6 +90,7 @@ class VOCSegmentationProbe(Probe):
     """
 
     data_kind = "segmentation"
+    paper_protocol_name = "voc-linear"
 
     def __init__(
         self,
@@ -96,27 +104,30 @@ class VOCSegmentationProbe(Probe):
         max_train_images: int | None = 1000,
         max_val_images: int | None = 500,
         num_logged_images: int = 4,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         data: pl.LightningDataModule | None = None,
         seed: int = 0,
         name: str = "voc",
     ) -> None:
         super().__init__(name, every_n_epochs, data, seed)
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer={optimizer!r}; use 'adamw' or 'sgd'")
-        if steps < 1 or batch_size < 1 or lr <= 0:
-            raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and lr={lr} > 0")
+        require_choice("optimizer", optimizer, PROBE_OPTIMIZERS)
+        require_at_least(1, steps=steps, batch_size=batch_size)
+        require_positive(lr=lr)
         self.steps, self.batch_size, self.optimizer_name = steps, batch_size, optimizer
         self.lr, self.weight_decay, self.image_size = lr, weight_decay, image_size
         self.max_train_images, self.max_val_images = max_train_images, max_val_images
         self.num_logged_images, self.num_workers = num_logged_images, num_workers
         self.head: LinearSegmentationHead | None = None
+        self._floor: float | None = None
 
     # ------------------------------------------------------------------------------- evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features, masks = self.cached_training_features(trainer, pl_module)
-        head = self.train_head(features, masks)
-        return {"miou": self.validation_miou(trainer, pl_module, head)}
+        head = self.train_head(features, masks, trainer)
+        return self.validation_miou(trainer, pl_module, head)
+
+    def floors(self) -> dict[str, float]:
+        return {"miou": self._floor} if self._floor is not None else {}
 
     def cached_training_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
         """Dense feature maps ``(N, C, h, w)`` and uint8 masks ``(N, S, S)`` of the training subset, every
@@ -132,20 +143,17 @@ class VOCSegmentationProbe(Probe):
 
     def new_head(self, channels: int, device: torch.device) -> tuple[LinearSegmentationHead, torch.optim.Optimizer]:
         """A freshly initialised (seeded) head and its optimizer."""
-        with torch.random.fork_rng(devices=[]):  # the layers' default initialisation must not touch the global RNG
-            generator = torch.Generator().manual_seed(self.seed)
-            head = LinearSegmentationHead(channels, self.probe_data.num_seg_classes, generator).to(device)
-        if self.optimizer_name == "adamw":
-            return head, torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return head, torch.optim.SGD(head.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        classes = self.probe_data.num_seg_classes
+        head = seeded_head(lambda generator: LinearSegmentationHead(channels, classes, generator), self.seed, device)
+        return head, probe_optimizer(head, self.optimizer_name, self.lr, self.weight_decay)
 
-    def train_head(self, features: Tensor, masks: Tensor) -> LinearSegmentationHead:
+    def train_head(self, features: Tensor, masks: Tensor, trainer: pl.Trainer | None = None) -> LinearSegmentationHead:
         """``steps`` steps on random batches of the cache (the same batches on every process)."""
         head, optimizer = self.new_head(features.shape[1], features.device)
         generator = torch.Generator().manual_seed(self.seed)
         batch = min(self.batch_size, features.shape[0])
         head.train()
-        for _ in range(self.steps):
+        for _ in probe_progress(trainer, range(self.steps), self.steps, f"{self.name}: head training"):
             rows = torch.randperm(features.shape[0], generator=generator)[:batch].to(features.device)
             targets = masks[rows].long()
             logits = upsample_logits(head(features[rows]), targets.shape[-2:])
@@ -159,27 +167,19 @@ class VOCSegmentationProbe(Probe):
 
     @torch.no_grad()
     def validation_miou(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                        head: LinearSegmentationHead) -> float:
-        """mIoU of the head on this process's validation shard, summed over processes."""
-        val_set = self.probe_data.segmentation_dataset("val", self.image_size)
-        subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
-        if not subset:
-            raise ValueError(f"{type(self).__name__}: the segmentation validation set is empty")
-        metric = {"miou": mean_iou(self.probe_data.num_seg_classes, pl_module.device)}
-        chunks = batch_chunks(subset, self.batch_size)
-        examples = None
-        for images, masks in sharded_loader(val_set, chunks[distributed.rank():: distributed.world_size()],
-                                            self.num_workers):
-            features = dense_maps(embed_images(trainer, pl_module, images))
-            masks = masks.to(pl_module.device).long()
-            predictions = upsample_logits(head(features), masks.shape[-2:]).argmax(dim=1)
-            update_all(metric, predictions, masks)
-            if examples is None:
-                examples = (images, masks, predictions)
-        if examples is not None and self.num_logged_images and trainer.global_rank == 0:
-            log_segmentation_examples(trainer, f"probe/{self.name}_examples", *examples,
-                                      num_classes=self.probe_data.num_seg_classes, count=self.num_logged_images)
-        return compute_all(metric)["miou"]
+                        head: LinearSegmentationHead) -> dict[str, float]:
+        """``{"miou": ...}`` of the head on the validation subset (every process the same value)."""
+        def predict(maps: Tensor, size: tuple[int, int]) -> Tensor:
+            return upsample_logits(head(maps), size).argmax(dim=1)
+
+        def log_examples(images: Tensor, masks: Tensor, predictions: Tensor) -> None:
+            if self.num_logged_images and trainer.global_rank == 0:
+                log_segmentation_examples(trainer, f"probe/{self.name}_examples", images, masks, predictions,
+                                          num_classes=self.probe_data.num_seg_classes, count=self.num_logged_images)
+
+        result = dense_evaluation(self, trainer, pl_module, predict, log_examples)
+        self._floor = result["miou_floor"]
+        return {"miou": result["miou"]}
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -192,6 +192,6 @@ class VOCSegmentationProbe(Probe):
             return
         channels = head_state["norm.weight"].shape[0]
         classes = head_state["classifier.weight"].shape[0]
-        with torch.random.fork_rng(devices=[]):
-            self.head = LinearSegmentationHead(channels, classes).eval()
+        self.head = seeded_head(lambda generator: LinearSegmentationHead(channels, classes, generator), self.seed,
+                                torch.device("cpu")).eval()
         self.head.load_state_dict(head_state)

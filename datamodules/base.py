@@ -29,7 +29,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .datasets import ImageFiles, MultiCropImages
 from .transforms import EvalTransform, ResizeTransform
@@ -170,7 +170,21 @@ class PretrainDataModule(pl.LightningDataModule):
         """``(images, labels)`` batches of ``eval_dataset("val")`` when the data set is labelled, else none."""
         if not hasattr(self, "num_classes"):
             return []
-        return self.eval_dataloader("val")
+        return self.validation_loader(self.eval_dataset("val"))
+
+    def validation_loader(self, dataset: Dataset) -> DataLoader | list:
+        """All of ``dataset`` when the module's ``validation_step`` reads batches; otherwise none during
+        ``fit`` and one batch for ``trainer.validate`` (enough for Lightning to run the probes' hooks).
+
+        A ``validation_step`` that reads nothing says so with a ``consumes_batches = False`` attribute.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        step = getattr(type(module), "validation_step", None) if module is not None else None
+        if getattr(step, "consumes_batches", True):
+            return self._loader(dataset, self.eval_batch_size, shuffle=False, drop_last=False)
+        if self.trainer.state.fn == "fit":
+            return []
+        return self._loader(Subset(dataset, [0]), 1, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise uint8 ``Views`` crops on the device they were moved to."""

@@ -123,5 +123,5 @@ class VOCSegmentationDataModule(PretrainDataModule):
                                  self.num_seg_classes, 255, self.unknown_mask_values)
 
     def val_dataloader(self) -> DataLoader:
-        """``(images, masks)`` batches of ``segmentation_dataset("val")``."""
-        return self._loader(self.segmentation_dataset("val"), self.eval_batch_size, shuffle=False, drop_last=False)
+        """``(images, masks)`` batches of ``segmentation_dataset("val")`` (see ``validation_loader``)."""
+        return self.validation_loader(self.segmentation_dataset("val"))

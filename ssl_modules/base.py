@@ -145,6 +145,8 @@ class SSLModule(pl.LightningModule):
         the validation epoch of ``trainer.validate`` (and ``python -m ssl_modules validate``)."""
         return None
 
+    validation_step.consumes_batches = False  # fit then loads no validation batch (datamodules/base.py)
+
     # ------------------------------------------------------------------------------------ schedules
     @property
     def total_steps(self) -> int:

@@ -103,6 +103,9 @@ def main(args: list[str] | None = None) -> SSLCLI | None:
     if argv and argv[0] == "export":
         _export_main(argv[1:])
         return None
+    if argv and argv[0] == "evaluate":
+        from ssl_modules.evaluation.cli import main as evaluate_main
+        raise SystemExit(evaluate_main(argv[1:]))
     _import_methods()
     torch.set_float32_matmul_precision("high")
     return SSLCLI(

@@ -150,12 +150,13 @@ class PlainData(pl.LightningDataModule):
 class ColourFeatures(pl.LightningModule):
     """Hand-made features: mean colour (global) and mean colour of each ``PATCH`` x ``PATCH`` patch (dense).
 
-    ``constant=True`` gives ones instead (no signal). A dummy parameter gives the Trainer something to train.
+    ``constant=True`` gives ones instead (no signal); ``return_embedding=True`` makes the training step
+    return ``{"loss", "embedding"}`` as the library's methods do. A dummy parameter gives the Trainer something to train.
     """
 
-    def __init__(self, constant: bool = False) -> None:
+    def __init__(self, constant: bool = False, return_embedding: bool = False) -> None:
         super().__init__()
-        self.constant = constant
+        self.constant, self.return_embedding = constant, return_embedding
         self.dummy = nn.Parameter(torch.ones(1))
 
     @torch.no_grad()
@@ -171,8 +172,11 @@ class ColourFeatures(pl.LightningModule):
     def visual_diagnostics(self, batch: Any) -> dict[str, Tensor]:
         return {"colours": batch.crops[0][0].sigmoid()}
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return (self.dummy ** 2).sum()
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | dict[str, Tensor]:
+        loss = (self.dummy ** 2).sum()
+        if self.return_embedding:  # the methods' fast path: the step's own embedding of crops[0]
+            return {"loss": loss, "embedding": self.embed(batch.crops[0]).global_}
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         return None

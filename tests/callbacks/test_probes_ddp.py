@@ -85,3 +85,28 @@ def test_the_values_are_not_trivial(results):
     metrics = results[0]["probes"]
     assert 0.3 < metrics[PROBES["linear"]]["metrics"]["top1"] <= 1.0
     assert 0.3 < metrics[PROBES["knn"]]["metrics"]["top1"] <= 1.0
+
+
+def _fast_path_run(folder, devices: int, batch_size: int) -> list[dict]:
+    folder.mkdir()
+    strategy = "ddp_spawn" if devices > 1 else "auto"
+    probe = OnlineLinearProbe(train_on="batches", batch_size=8, lr=0.5, num_workers=0)
+    trainer = pl.Trainer(callbacks=[probe, SaveProbeResults(folder)],
+                         **trainer_kwargs(devices=devices, strategy=strategy, max_epochs=1,
+                                          use_distributed_sampler=False))
+    trainer.fit(ColourFeatures(return_embedding=True), datamodule=ColourData(batch_size=batch_size, noise=4.0))
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+@pytest.mark.slow
+def test_linear_probe_on_the_steps_embedding_is_the_same_under_ddp(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _fast_path_run(tmp_path / "single", 1, 16)[0]
+    finally:
+        torch.set_num_threads(threads)
+    key = "OnlineLinearProbe[linear]"
+    for rank in _fast_path_run(tmp_path / "ddp", 2, 8):
+        assert rank["probes"][key]["metrics"] == single["probes"][key]["metrics"]
+        assert_same_state(rank["probes"][key]["state"], single["probes"][key]["state"])

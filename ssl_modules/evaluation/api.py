@@ -1,0 +1,228 @@
+"""``evaluate(model, protocols, ...)``: the papers' protocols on any backbone, one feature extraction shared."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_modules import distributed
+
+from .datasets import check_dataset, imagenet_split, voc_split
+from .features import Extractor, FeatureCache
+from .hummingbird import HummingbirdSettings, run_hummingbird
+from .knn import KNNSettings, run_knn
+from .linear import LINEAR_PRESETS, linear_preset, run_linear
+from .models import describe_source, load_backbone
+from .voc_linear import VOC_LINEAR_PRESETS, run_voc_linear
+
+__all__ = ["PROTOCOLS", "PRESETS", "ProtocolResult", "EvaluationReport", "evaluate", "resolve_settings"]
+
+PROTOCOLS = ("knn", "linear", "voc-linear", "hummingbird")
+# protocol -> preset -> (paper table it reproduces). The first preset is the default.
+PRESETS: dict[str, dict[str, str]] = {
+    "knn": {"dino": "DINO (Caron et al. 2021) ImageNet table, k-NN column; eval_knn.py: full train bank, k 10/20/100/200, "
+                    "T 0.07 (BAM's and CrIBo's ImageNet k-NN results use the same protocol, k 20)"},
+    "linear": {name: settings.paper for name, settings in LINEAR_PRESETS.items()},
+    "voc-linear": {name: settings.paper for name, settings in VOC_LINEAR_PRESETS.items()},
+    "hummingbird": {
+        "open-hb": "CrIBo (Lebailly et al. 2024) dense nearest-neighbour retrieval table (Pascal VOC); open-hummingbird-eval's README protocol: "
+                   "512 px squash, memory 10.24M patches, 2 augmented passes, k 30, T 0.02, Hungarian mIoU",
+        "open-hb-exact": "as open-hb, with open-hummingbird-eval's std typo (0.229, 0.224, 0.255)",
+    },
+}
+DATA_KIND = {"knn": "imagenet", "linear": "imagenet", "voc-linear": "voc", "hummingbird": "voc"}
+
+
+@dataclass
+class ProtocolResult:
+    """One protocol's outcome: its metrics, the trivial floors, the settings it ran with and its time."""
+
+    protocol: str
+    preset: str
+    paper: str
+    metrics: dict[str, float]
+    floors: dict[str, float]
+    settings: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class EvaluationReport:
+    """All results of one ``evaluate`` call."""
+
+    model: str
+    precision: str
+    processes: int
+    results: list[ProtocolResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table: protocol, preset, metric, value, floors."""
+        lines = [f"model: {self.model}   precision: {self.precision}   processes: {self.processes}",
+                 f"{'protocol':<12} {'preset':<14} {'metric':<18} {'value':>8}   floors"]
+        for result in self.results:
+            floors = ", ".join(f"{k} {v:.4f}" for k, v in result.floors.items())
+            for position, (metric, value) in enumerate(result.metrics.items()):
+                shown = f"{value:8.4f}" if metric != "memory_entries" else f"{int(value):8d}"
+                lines.append(f"{result.protocol:<12} {result.preset:<14} {metric:<18} {shown}   "
+                             f"{floors if position == 0 else ''}")
+            lines.append(f"{'':<12} settings: {json.dumps(result.settings, default=str)}")
+            lines.append(f"{'':<12} reproduces: {result.paper}")
+        return "\n".join(lines)
+
+    def write(self, folder: str | Path) -> tuple[Path, Path]:
+        """``evaluation.json`` and ``evaluation.txt`` in ``folder`` (process 0 only); returns their paths."""
+        folder = Path(folder)
+        json_path, table_path = folder / "evaluation.json", folder / "evaluation.txt"
+        if distributed.rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+            table_path.write_text(self.table() + "\n")
+        return json_path, table_path
+
+
+def resolve_settings(protocol: str, preset: str | None, backbone: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """The settings dataclass of ``protocol`` under ``preset`` (``None``: the default), with ``overrides``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    presets = PRESETS[protocol]
+    preset = preset or next(iter(presets))
+    if preset not in presets:
+        raise ValueError(f"{protocol}: unknown preset {preset!r}; choose from {', '.join(presets)}")
+    if protocol == "knn":
+        settings: Any = KNNSettings()
+    elif protocol == "linear":
+        settings = linear_preset(preset, backbone)
+    elif protocol == "voc-linear":
+        settings = VOC_LINEAR_PRESETS[preset]
+    else:
+        settings = HummingbirdSettings(std="open-hb" if preset == "open-hb-exact" else "imagenet")
+    return _override(settings, overrides or {}, protocol)
+
+
+def _override(settings: Any, overrides: dict[str, Any], protocol: str) -> Any:
+    if not overrides:
+        return settings
+    names = {f.name: f for f in dataclasses.fields(settings)}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"{protocol}: unknown setting(s) {unknown}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(settings, **overrides)
+
+
+def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
+    """Every data set the protocols will read exists in its layout and its first item reads."""
+    for protocol in protocols:
+        kind = DATA_KIND[protocol]
+        root = imagenet if kind == "imagenet" else voc
+        if root is None:
+            flag = "--imagenet" if kind == "imagenet" else "--voc"
+            raise ValueError(f"{protocol} needs {'an ImageNet-layout' if kind == 'imagenet' else 'a Pascal VOC'} "
+                             f"root: pass {flag} <folder> (imagenet=/voc= in Python)")
+        for split in ("train", "val"):
+            if kind == "imagenet":
+                check_dataset(imagenet_split(root, split, lambda image, index: image), f"{root}/{split}")
+            else:
+                pairs = voc_split(root, split, lambda image, mask, index: (image, mask), voc_classes)
+                check_dataset(pairs, f"VOC {split} of {root}")
+
+
+def evaluate(
+    model: str | Path | nn.Module,
+    protocols: Sequence[str] = ("knn",),
+    imagenet: str | None = None,
+    voc: str | None = None,
+    voc_classes: int = 21,
+    presets: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    official: str | None = None,
+    teacher: bool = True,
+    precision: str = "32",
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    output: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> EvaluationReport:
+    """Run the papers' evaluation protocols on a backbone.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) every process must call this; the results equal a
+    one-process run.
+
+    Args:
+        model: an ``SSLModule``, a ``Backbone``, a ``.ckpt`` of this library, an exported ``backbone.pt``, an
+            official checkpoint (with ``official``) or a timm model name.
+        protocols: any of ``knn``, ``linear``, ``voc-linear``, ``hummingbird``.
+        imagenet: root with ``train/<class>/*`` and ``val/<class>/*`` (``knn``, ``linear``).
+        voc: Pascal VOC root (``voc-linear``, ``hummingbird``).
+        voc_classes: classes of the VOC-layout masks, background included (21 for Pascal VOC; the synthetic
+            scenes have ``num_object_classes + 1``).
+        presets: ``protocol -> preset`` (defaults: the first of ``PRESETS[protocol]``).
+        overrides: ``protocol -> {setting: value}`` on top of the preset (e.g. fewer epochs).
+        official: method of an official checkpoint (``cribo``, ``bam``, ``vicregl``).
+        teacher: evaluate the teacher backbone where the method has one (as CrIBo and BAM do).
+        precision: ``"32"`` (default), ``"bf16"`` or ``"16"``.
+        device: where to run (default: this process's CUDA device if there is one, else CPU).
+        batch_size: images per feature-extraction batch and process.
+        num_workers: loader workers per process.
+        output: folder for ``evaluation.json`` and ``evaluation.txt``.
+        cache_dir: keep extracted features on disk between runs (keyed by the weights).
+        show_progress: progress bars on process 0.
+        timm_kwargs: ``timm.create_model`` arguments for a timm name.
+    """
+    protocols = list(dict.fromkeys(protocols))
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+    presets = dict(presets or {})
+    overrides = {protocol: dict(values) for protocol, values in (overrides or {}).items()}
+    for protocol in ("hummingbird", "voc-linear"):
+        if protocol in protocols:
+            overrides.setdefault(protocol, {}).setdefault("num_classes", voc_classes)
+    backbone = load_backbone(model, official=official, teacher=teacher, **(timm_kwargs or {}))
+    settings = {p: resolve_settings(p, presets.get(p), backbone, overrides.get(p)) for p in protocols}
+    _check_data(protocols, imagenet, voc, voc_classes)
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    was_training = backbone.training
+    try:
+        report = _run_protocols(model, backbone, protocols, settings, presets, imagenet, voc, precision, device,
+                                batch_size, num_workers, show_progress, cache_dir)
+    finally:
+        backbone.train(was_training)
+    if output is not None:
+        report.write(output)
+    return report
+
+
+def _run_protocols(model: Any, backbone: Any, protocols: list[str], settings: dict[str, Any],
+                   presets: dict[str, str], imagenet: str | None, voc: str | None, precision: str, device: Any,
+                   batch_size: int, num_workers: int, show_progress: bool, cache_dir: Any) -> EvaluationReport:
+    extractor = Extractor(backbone, device, precision, batch_size, num_workers, show_progress,
+                          FeatureCache(Path(cache_dir) if cache_dir else None))
+    report = EvaluationReport(describe_source(model), precision, distributed.world_size())
+    runners = {"knn": lambda s: run_knn(extractor, imagenet, s), "linear": lambda s: run_linear(extractor, imagenet, s),
+               "voc-linear": lambda s: run_voc_linear(extractor, voc, s),
+               "hummingbird": lambda s: run_hummingbird(extractor, voc, s)}
+    for protocol in protocols:
+        start = time.perf_counter()
+        metrics, floors = runners[protocol](settings[protocol])
+        preset = presets.get(protocol) or next(iter(PRESETS[protocol]))
+        report.results.append(ProtocolResult(protocol, preset, PRESETS[protocol][preset], metrics, floors,
+                                             _plain(settings[protocol]), time.perf_counter() - start))
+    return report
+
+
+def _plain(settings: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "paper"}
