@@ -220,8 +220,11 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         pin = self.pin_memory and torch.accelerator.is_available()  # pinning without an accelerator only warns
+        # a generator of its own: without one every iterator draws its base seed from the global RNG, which
+        # would shift the training's step randomness by whether and when evaluation ran
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=pin, **kwargs)
+                          persistent_workers=self.num_workers > 0, pin_memory=pin,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def _check_enough_images(self, count: int) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
