@@ -99,6 +99,16 @@ class ExactResume(pl.Callback):
                            f"has {trainer.world_size}: the step randomness restarts from rank {rank % len(states)}'s")
         self._pending = states[rank % len(states)]
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _resumed_after_last_batch(trainer):
+            # Lightning restores a checkpoint written at the end of an epoch's last batch (a step checkpoint
+            # that falls on the epoch end) as "restarted mid-epoch": it counts the epoch done and starts the
+            # next one without its on_train_epoch_start hooks. Call them, as the uninterrupted run did.
+            from lightning.pytorch.trainer import call
+
+            call._call_callback_hooks(trainer, "on_train_epoch_start")
+            call._call_lightning_module_hook(trainer, "on_train_epoch_start")
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._pending is not None:
@@ -141,6 +151,14 @@ class ExactResume(pl.Callback):
         if self._stop_checkpoint is not None:
             trainer._checkpoint_connector.__dict__.pop("dump_checkpoint", None)
             self._stop_checkpoint = None
+
+
+def _resumed_after_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumes from a checkpoint written at the end of an epoch's last training batch."""
+    fit_loop = trainer.fit_loop
+    progress = fit_loop.epoch_loop.batch_progress
+    return bool(fit_loop.restarted_mid_epoch and progress.is_last_batch
+                and progress.current.processed >= trainer.num_training_batches)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI side
