@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import random
 import types
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = ["ExactResume", "rng_state", "set_rng_state", "resolve_last_checkpoint", "checkpoint_class",
-           "check_checkpoint_class", "hparam_differences", "RNG_KEY", "STOP_CHECKPOINT_NAME"]
+           "check_checkpoint_class", "hparam_differences", "prepare_resume", "RNG_KEY", "STOP_CHECKPOINT_NAME"]
 
 RNG_KEY = "rng_states"
 STOP_CHECKPOINT_NAME = "last-stop.ckpt"
@@ -203,3 +204,55 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _import_class(class_path: str) -> type | None:
+    """The class of a config's ``class_path`` (dotted, or a short name of ``ssl_modules``), or None."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name or "ssl_modules")
+        return getattr(module, name, None)
+    except ImportError:
+        return None
+
+
+def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[str]:
+    """Check and complete the ``fit`` config ``section`` (a jsonargparse Namespace) for its ``ckpt_path``.
+
+    - ``ckpt_path: last`` becomes the newest checkpoint under ``trainer.default_root_dir`` (the current
+      folder when unset), or None (a fresh start, said in the returned lines) when there is none;
+    - a checkpoint written by another method class than ``model.class_path`` raises a ``ValueError``
+      naming both, before anything is built;
+    - the model's hyper-parameters are those of the config and command line: the ones that differ from
+      the checkpoint's are applied and listed in the returned lines (``docs/resume.md``).
+    """
+    ckpt_path = section.get("ckpt_path")
+    if not ckpt_path:
+        return []
+    lines: list[str] = []
+    if ckpt_path == "last":
+        root = (section.get("trainer") or {}).get("default_root_dir") or Path.cwd()
+        found = resolve_last_checkpoint(root)
+        if found is None:
+            section["ckpt_path"] = None
+            return [f"--ckpt_path last: no checkpoint under {root}; starting a new run"]
+        section["ckpt_path"] = ckpt_path = str(found)
+        lines.append(f"--ckpt_path last: resuming {found}")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} does not exist; give a .ckpt file, or 'last' for the newest "
+                                "checkpoint of the run")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = section.get("model")
+    class_path = model.get("class_path") if model is not None else None
+    model_class = _import_class(class_path) if class_path else None
+    if model_class is not None:
+        check_checkpoint_class(checkpoint, model_class, path)
+        given = model.get("init_args")
+        given = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
+        saved = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        differences = hparam_differences(saved, given)
+        if differences:
+            lines.append(f"hyper-parameters that differ from {path.name}'s (the config's values are applied):")
+            lines += [f"  {name}: {old!r} -> {new!r}" for name, (old, new) in sorted(differences.items())]
+    return lines
