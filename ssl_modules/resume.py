@@ -81,6 +81,7 @@ class ExactResume(pl.Callback):
         self._pending: dict[str, Any] | None = None  # this rank's RNG state, restored at the first batch
         self._stop_checkpoint: dict[str, Any] | None = None
 
+    @property
     def state_key(self) -> str:  # one per trainer, whatever its arguments
         return "ExactResume"
 
