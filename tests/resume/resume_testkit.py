@@ -15,14 +15,21 @@ TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 
 
 class LossRecorder(pl.Callback):
-    """``{global step: train loss}`` of every optimizer step (the step's loss, before the update)."""
+    """``{global step: train loss}`` of every optimizer step; with ``path``, rank 0 writes them (and the
+    final state tensors, ``<path>.pt``) there at the end of fit (for subprocess runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.losses: dict[int, float] = {}
+        self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses[trainer.global_step] = float(loss)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.path is not None and trainer.is_global_zero:
+            torch.save({"losses": self.losses, "global_step": trainer.global_step,
+                        "state": state_tensors(pl_module)}, self.path)
 
 
 class StopAt(pl.Callback):
@@ -48,13 +55,20 @@ def tiny_args(method: str, root: Path, num_workers: int, extra: list[str] = ()) 
 
 
 def run(method: str, root: Path, num_workers: int = 0, stop_at: int | None = None, ckpt_path: str | None = None,
-        extra: list[str] = ()) -> dict[str, Any]:
-    """One in-process CLI fit; returns its per-step losses, final global step and state tensors."""
+        extra: list[str] = (), checkpoint_every_steps: int | None = 4) -> dict[str, Any]:
+    """One in-process CLI fit; returns its per-step losses, final global step and state tensors.
+
+    Checkpoints ``step=N.ckpt`` every ``checkpoint_every_steps`` steps, or (None) Lightning's epoch-end
+    checkpoints with ``last.ckpt``."""
     from ssl_modules.cli import main
 
     recorder = LossRecorder()
-    callbacks: list[pl.Callback] = [recorder, pl.callbacks.ModelCheckpoint(
-        dirpath=root / "checkpoints", every_n_train_steps=4, save_top_k=-1, filename="{step}")]
+    if checkpoint_every_steps is None:
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
+    else:
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=checkpoint_every_steps,
+                                                  save_top_k=-1, filename="{step}")
+    callbacks: list[pl.Callback] = [recorder, checkpoint]
     if stop_at is not None:
         callbacks.insert(0, StopAt(stop_at))
     args = tiny_args(method, root, num_workers, extra)
