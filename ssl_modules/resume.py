@@ -120,7 +120,9 @@ class ExactResume(pl.Callback):
     # -- graceful stops -----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stopping = trainer.should_stop or trainer.received_sigterm
+        # a SIGTERM reaches one process; under DDP Lightning turns it into an error before the next batch,
+        # and writing a checkpoint (a collective) from one process alone would hang
+        stopping = trainer.should_stop or (trainer.received_sigterm and trainer.world_size == 1)
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         if not stopping or last_batch or self._stop_checkpoint is not None or trainer.sanity_checking:
             return
