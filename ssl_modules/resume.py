@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = ["ExactResume", "rng_state", "set_rng_state", "resolve_last_checkpoint", "checkpoint_class",
@@ -92,6 +93,11 @@ class ExactResume(pl.Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        # max_time is a budget per job: Lightning's Timer would restore the stopped job's elapsed time and
+        # stop the resumed one after its first batch (the pre-emption use of max_time needs a fresh budget)
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer):
+                checkpoint.get("callbacks", {}).pop(callback.state_key, None)
         states = checkpoint.get(RNG_KEY)
         if not states:
             return
