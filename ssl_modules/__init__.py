@@ -15,6 +15,7 @@ _EXPORTS = {
     "VICRegL": "ssl_modules.vicregl",
     "BAM": "ssl_modules.bam",
     "CrIBo": "ssl_modules.cribo",
+    "ExactResume": "ssl_modules.resume",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .bam import BAM
     from .base import SSLModule
     from .cribo import CrIBo
+    from .resume import ExactResume
     from .vicregl import VICRegL
 
 
