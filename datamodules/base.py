@@ -139,7 +139,7 @@ class PretrainDataModule(pl.LightningDataModule):
         """The seed of the training order and views: the ``seed`` argument, else the run's, else 0."""
         if self._seed is not None:
             return int(self._seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
     @property
     def skipped_images(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "ResumableDataLoader"]
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):

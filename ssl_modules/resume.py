@@ -27,8 +27,18 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["ExactResume", "rng_state", "set_rng_state", "resolve_last_checkpoint", "checkpoint_class",
-           "check_checkpoint_class", "hparam_differences", "prepare_resume", "RNG_KEY", "STOP_CHECKPOINT_NAME"]
+__all__ = [
+    "RNG_KEY",
+    "STOP_CHECKPOINT_NAME",
+    "ExactResume",
+    "check_checkpoint_class",
+    "checkpoint_class",
+    "hparam_differences",
+    "prepare_resume",
+    "resolve_last_checkpoint",
+    "rng_state",
+    "set_rng_state",
+]
 
 RNG_KEY = "rng_states"
 STOP_CHECKPOINT_NAME = "last-stop.ckpt"

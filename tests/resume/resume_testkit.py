@@ -111,8 +111,8 @@ def assert_same_run(reference: dict[str, Any], resumed_losses: dict[int, float],
     assert final["global_step"] == reference["global_step"] == TOTAL_STEPS
     for step, loss in resumed_losses.items():
         torch.testing.assert_close(loss, reference["losses"][step], rtol=1e-5, atol=0,
-                                   msg=lambda m: f"step {step}: {m}")
+                                   msg=functools.partial("step {}: {}".format, step))
     assert reference["state"].keys() == final["state"].keys()
     for name, tensor in reference["state"].items():
         torch.testing.assert_close(final["state"][name], tensor, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=functools.partial("{}: {}".format, name))

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_modules.resume import (ExactResume, check_checkpoint_class, hparam_differences, resolve_last_checkpoint,
-                                rng_state, set_rng_state)
+from ssl_modules.resume import (
+    ExactResume,
+    check_checkpoint_class,
+    hparam_differences,
+    resolve_last_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 
 
 def _draws() -> tuple:
@@ -34,6 +40,7 @@ def test_rng_state_loads_with_weights_only():
 
 def test_every_ssl_module_adds_exact_resume():
     from conftest import TINY_VIT
+
     from ssl_modules.vicregl import VICRegL
 
     model = VICRegL("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT), expander_widths="32-32",

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import torch
+from tests_resume_images import write_images
 from torch.utils.data import DataLoader
 
 from datamodules import MultiCropViews, ResumableSampler
 from datamodules.datasets import MultiCropImages
-from datamodules.views import color_jitter_params, item_generator, random_resized_crop_params
-from tests_resume_images import write_images
+from datamodules.views import (
+    color_jitter_params,
+    item_generator,
+    random_resized_crop_params,
+)
 
 
 def _views() -> MultiCropViews:
@@ -19,7 +23,7 @@ def _image(seed: int = 0) -> torch.Tensor:
 
 
 def test_item_generator_is_a_pure_function_of_its_three_numbers():
-    draw = lambda *key: torch.rand(4, generator=item_generator(*key))  # noqa: E731
+    draw = lambda *key: torch.rand(4, generator=item_generator(*key))
     assert torch.equal(draw(1, 2, 3), draw(1, 2, 3))
     assert not torch.equal(draw(1, 2, 3), draw(1, 2, 4))
     assert not torch.equal(draw(1, 2, 3), draw(1, 3, 3))
