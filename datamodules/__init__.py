@@ -4,6 +4,7 @@ from .coco import COCODataModule
 from .datasets import ImageFiles, MultiCropImages, SegmentationPairs, UnknownMaskValueError
 from .folder import ImageFolderDataModule
 from .imagenet import ImageNetDataModule
+from .resumable import ResumableDataLoader, ResumableSampler
 from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
 from .synthetic import SceneConfig, SyntheticScenesDataModule
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, SegmentationEvalTransform
@@ -15,6 +16,8 @@ __all__ = [
     "ViewSample",
     "MultiCropViews",
     "collate_views",
+    "ResumableSampler",
+    "ResumableDataLoader",
     "PretrainDataModule",
     "ClassificationDataMixin",
     "ImageList",

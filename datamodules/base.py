@@ -21,6 +21,7 @@ every ``PretrainDataModule`` implements it):
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .datasets import ImageFiles, MultiCropImages
+from .resumable import ResumableDataLoader, ResumableSampler
 from .transforms import EvalTransform, ResizeTransform
 from .views import MultiCropViews, Views, collate_views
 
@@ -80,6 +82,9 @@ class PretrainDataModule(pl.LightningDataModule):
             Lightning).
         pin_memory: pin the loaders' batches (faster copies to a GPU).
         shuffle: shuffle the training images.
+        seed: the seed of the training order and of the views (a sample's views are a pure function of
+            (seed, epoch, index), ``docs/resume.md``); default: the run's seed (``seed_everything``, the CLI's
+            ``seed_everything``), else 0.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class PretrainDataModule(pl.LightningDataModule):
         normalize_on: Literal["device", "worker"] = "device",
         pin_memory: bool = True,
         shuffle: bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -105,6 +111,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.eval_size = eval_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.normalize_on, self.pin_memory, self.shuffle = normalize_on, pin_memory, shuffle
+        self._seed = seed
         self._train_dataset: MultiCropImages | None = None
         self._memo: dict[Any, Any] = {}
 
@@ -124,8 +131,15 @@ class PretrainDataModule(pl.LightningDataModule):
         """The pretraining data set: ``(ViewSample, label, index)`` items (built once)."""
         if self._train_dataset is None:
             images = self.train_images()
-            self._train_dataset = MultiCropImages(images.files, images.labels, self.views)
+            self._train_dataset = MultiCropImages(images.files, images.labels, self.views, seed=self.seed)
         return self._train_dataset
+
+    @property
+    def seed(self) -> int:
+        """The seed of the training order and views: the ``seed`` argument, else the run's, else 0."""
+        if self._seed is not None:
+            return int(self._seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
     @property
     def skipped_images(self) -> int:
@@ -160,11 +174,25 @@ class PretrainDataModule(pl.LightningDataModule):
         """A copy of the current guide table ``(N, 4)``, or ``None`` when the crops are RandomResizedCrop."""
         return self._train_dataset.crop_guides if self._train_dataset is not None else None
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The multi-crop loader: order seeded by (seed, epoch), views by (seed, epoch, index), resumable
+        mid-epoch (``docs/resume.md``)."""
         dataset = self.train_dataset()
         self._check_enough_images(len(dataset))
-        return self._loader(dataset, self.batch_size, shuffle=self.shuffle, drop_last=True,
-                            collate_fn=functools.partial(collate_views, normalize=self.normalize_on == "worker"))
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, seed=dataset.seed, shuffle=self.shuffle, num_replicas=world, rank=rank)
+        pin = self.pin_memory and torch.accelerator.is_available()
+        return ResumableDataLoader(
+            dataset, sampler, self.batch_size, batches_done=self._batches_done if trainer is not None else None,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=pin, drop_last=True,
+            collate_fn=functools.partial(collate_views, normalize=self.normalize_on == "worker"),
+            generator=torch.Generator().manual_seed(dataset.seed),  # the iterator's base seed: not the global RNG
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch that the trainer has run (what a resume skips)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader | list:
         """``(images, labels)`` batches of ``eval_dataset("val")`` when the data set is labelled, else none."""
@@ -206,8 +234,11 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         pin = self.pin_memory and torch.accelerator.is_available()  # pinning without an accelerator only warns
+        # a generator of its own: without one every iterator draws its base seed from the global RNG, which
+        # would shift the training's step randomness by whether and when evaluation ran
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=pin, **kwargs)
+                          persistent_workers=self.num_workers > 0, pin_memory=pin,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def _check_enough_images(self, count: int) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
-from .views import MultiCropViews, ViewSample, check_guide_boxes
+from .views import MultiCropViews, ViewSample, check_guide_boxes, item_generator
 
 __all__ = ["ImageFiles", "MultiCropImages", "SegmentationPairs", "UnknownMaskValueError"]
 
@@ -122,8 +122,9 @@ class MultiCropImages(ImageFiles):
     """
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int] | None = None,
-                 transform: Callable[[Tensor], Any] | None = None) -> None:
+                 transform: Callable[[Tensor], Any] | None = None, seed: int = 0) -> None:
         super().__init__(files, labels, transform)
+        self.seed = int(seed)
         self._guides: Tensor | None = None  # (N, 4) in shared memory once set; NaN rows: no guide
         # [number of set_crop_guides calls, alpha], in shared memory from the start so every worker sees it
         self._guide_state = torch.tensor([0.0, 0.6], dtype=torch.float64).share_memory_()
@@ -175,13 +176,22 @@ class MultiCropImages(ImageFiles):
         box = self._guides[index].tolist()
         return None if math.isnan(box[0]) else box
 
-    def __getitem__(self, index: int) -> tuple[ViewSample, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[ViewSample, int, int]:
+        """Item ``index`` for ``key = index`` (views from the global RNG) or ``key = (epoch, index)``: views
+        drawn from ``item_generator(seed, epoch, index)``, a pure function of the three (what
+        ``datamodules.ResumableSampler`` yields)."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         image, used = self._decode_skipping(index)
+        if self.transform is None:
+            return image, self.label(used), used
+        if not isinstance(self.transform, MultiCropViews):
+            return self.transform(image), self.label(used), used
+        generator = None if epoch is None else item_generator(self.seed, epoch, index)
         guide = self._guide(used)
         if guide is None:
-            item = self.transform(image) if self.transform is not None else image
+            item = self.transform(image, generator=generator)
         else:
-            item = self.transform(image, guide=guide, alpha=self.crop_guide_alpha)
+            item = self.transform(image, guide=guide, alpha=self.crop_guide_alpha, generator=generator)
         return item, self.label(used), used
 
 

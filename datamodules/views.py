@@ -7,14 +7,13 @@ DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns the
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -23,7 +22,7 @@ from . import colour
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode, normalize_uint8
 
 __all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views", "contrastive_crop_params",
-           "check_guide_boxes"]
+           "check_guide_boxes", "random_resized_crop_params", "color_jitter_params", "item_generator"]
 
 
 class Views(NamedTuple):
@@ -167,9 +166,80 @@ def check_guide_boxes(boxes: Tensor, num_images: int | None = None) -> Tensor:
     return boxes
 
 
-@functools.lru_cache(maxsize=8)
-def _beta(alpha: float) -> torch.distributions.Beta:
-    return torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)), validate_args=False)
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    """One draw uniform in ``[low, high)`` from ``generator`` (the global RNG for ``None``)."""
+    return torch.empty(1).uniform_(low, high, generator=generator).item()
+
+
+def _bernoulli(p: float, generator: torch.Generator | None) -> bool:
+    """True with probability ``p``."""
+    return bool(torch.rand((), generator=generator) < p)
+
+
+def _beta_pair(alpha: float, generator: torch.Generator | None) -> list[float]:
+    """Two independent ``Beta(alpha, alpha)`` draws; numpy's Beta sampler, seeded from ``generator``
+    (torch's own Beta sampler cannot take a generator)."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return np.random.default_rng(seed).beta(alpha, alpha, size=2).tolist()
+
+
+def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box ``(top, left, h, w)`` (torchvision's algorithm: area fraction uniform in
+    ``scale``, log-uniform aspect ratio in ``ratio``, 10 tries, then a centre crop), drawn from ``generator``."""
+    size = _random_crop_size(height, width, scale, ratio, generator)
+    if size is None:
+        return _centre_fallback(height, width, ratio)
+    h, w = size
+    top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+    return top, left, h, w
+
+
+def _random_crop_size(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      generator: torch.Generator | None) -> tuple[int, int] | None:
+    """The ``(h, w)`` of RandomResizedCrop's first admissible try of 10, or None."""
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * _uniform(scale[0], scale[1], generator)
+        aspect = math.exp(_uniform(log_low, log_high, generator))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return h, w
+    return None
+
+
+def _centre_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback: the largest centred box of an admissible aspect ratio."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def color_jitter_params(jitter: tuple[float, float, float, float],
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+    """ColorJitter's random order and factors (torchvision's rule: brightness/contrast/saturation factors
+    uniform in ``[max(0, 1 - s), 1 + s]``, hue uniform in ``[-h, h]``; a zero strength disables that op),
+    drawn from ``generator``, in the format of ``colour.color_jitter``."""
+    order = torch.randperm(4, generator=generator)
+    factors = []
+    for index, strength in enumerate(jitter):
+        if strength == 0:
+            factors.append(None)
+        elif index == 3:
+            factors.append(_uniform(-strength, strength, generator))
+        else:
+            factors.append(_uniform(max(0.0, 1.0 - strength), 1.0 + strength, generator))
+    brightness, contrast, saturation, hue = factors
+    return dict(fn_idx=order, brightness_factor=brightness, contrast_factor=contrast,
+                saturation_factor=saturation, hue_factor=hue)
 
 
 def _guided_edge(side: int, length: int, low: float, high: float, u: float) -> int:
@@ -186,6 +256,7 @@ def contrastive_crop_params(
     ratio: tuple[float, float],
     guide: Sequence[float],
     alpha: float = 0.6,
+    generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
     """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``spec/bam.md`` §9).
 
@@ -194,28 +265,16 @@ def contrastive_crop_params(
     ratio). The position follows the guide box ``(y0, x0, y1, x1)`` (normalised): the top edge runs from
     ``int(height * y0) - h // 2`` to ``int(height * y1) - h // 2`` (both clamped to ``[0, height - h]``), and is
     ``start + int((end - start) * u)`` with ``u ~ Beta(alpha, alpha)``; the left edge the same way with its
-    own draw. So the crop's centre lies in the box (to a pixel) unless the crop is pushed in from the image
+    own draw; every draw comes from ``generator`` (the global RNG for None). So the crop's centre lies in the box (to a pixel) unless the crop is pushed in from the image
     border; ``alpha < 1`` favours the box sides.
     """
-    area = height * width
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_low, log_high).item())
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            y0, x0, y1, x1 = (float(v) for v in guide)
-            u_top, u_left = _beta(alpha).sample((2,)).tolist()
-            return _guided_edge(height, h, y0, y1, u_top), _guided_edge(width, w, x0, x1, u_left), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    size = _random_crop_size(height, width, scale, ratio, generator)
+    if size is None:
+        return _centre_fallback(height, width, ratio)
+    h, w = size
+    y0, x0, y1, x1 = (float(v) for v in guide)
+    u_top, u_left = _beta_pair(alpha, generator)
+    return _guided_edge(height, h, y0, y1, u_top), _guided_edge(width, w, x0, x1, u_left), h, w
 
 
 class MultiCropViews:
@@ -311,14 +370,6 @@ class MultiCropViews:
         self.global_solarize_p = _check_probabilities("global_solarize_p", global_solarize_p)
         self.local_solarize_p = _check_probabilities("local_solarize_p", local_solarize_p)
         self.specs = self._build_specs()
-        # torchvision's samplers: RandomResizedCrop's box algorithm and ColorJitter's factors and order.
-        self._croppers = {
-            group: T.RandomResizedCrop(size, scale=scale, ratio=self.ratio, interpolation=self.mode)
-            for group, size, scale in (("global", global_size, self.global_scale),
-                                       ("local", local_size, self.local_scale))
-        }
-        brightness, contrast, saturation, hue = self.jitter
-        self._jitter = T.ColorJitter(brightness, contrast, saturation, hue)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MultiCropViews:
@@ -350,8 +401,13 @@ class MultiCropViews:
         """Output side of every view, global views first."""
         return [spec.size for spec in self.specs]
 
-    def __call__(self, image: Tensor, guide: Sequence[float] | Tensor | None = None, alpha: float = 0.6) -> ViewSample:
+    def __call__(self, image: Tensor, guide: Sequence[float] | Tensor | None = None, alpha: float = 0.6,
+                 generator: torch.Generator | None = None) -> ViewSample:
         """uint8 image ``(3, H, W)`` -> its views with boxes, flip flags and the image size.
+
+        Every random choice (crop boxes, flips, colour factors and order, blur sigma, the per-view odds) is
+        drawn from ``generator``, in a fixed order: the same generator state gives the same views, whatever
+        process runs the call. ``None`` draws from the process's global RNG.
 
         Args:
             image: uint8 RGB ``(3, H, W)``.
@@ -372,47 +428,49 @@ class MultiCropViews:
                 raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 (0.6 in BAM)")
         crops, boxes, flips = [], [], []
         for spec in self.specs:
-            crop, box, flipped = self.crop(image, spec, guide, alpha)
-            crops.append(self.colour(crop, spec))
+            crop, box, flipped = self.crop(image, spec, guide, alpha, generator)
+            crops.append(self.colour(crop, spec, generator))
             boxes.append(box)
             flips.append(flipped)
         height, width = image.shape[-2:]
         return ViewSample(crops, torch.stack(boxes), torch.tensor(flips), torch.tensor([float(height), float(width)]))
 
     def crop(self, image: Tensor, spec: CropSpec, guide: Sequence[float] | None = None,
-             alpha: float = 0.6) -> tuple[Tensor, Tensor, bool]:
+             alpha: float = 0.6, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, bool]:
         """RandomResizedCrop (ContrastiveCrop around ``guide`` if given) + flip of one view: the crop, its
         normalised box ``(y0, x0, y1, x1)`` in the image, the flip flag."""
         height, width = image.shape[-2:]
         if guide is None:
-            params = self._croppers[spec.group].make_params([image])
-            top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+            top, left, h, w = random_resized_crop_params(height, width, spec.scale, self.ratio, generator)
         else:
             scale = (spec.scale[0], 1.0) if spec.group == "global" else spec.scale
-            top, left, h, w = contrastive_crop_params(height, width, scale, self.ratio, guide, alpha)
+            top, left, h, w = contrastive_crop_params(height, width, scale, self.ratio, guide, alpha, generator)
         crop = F.resized_crop(image, top, left, h, w, [spec.size, spec.size], interpolation=self.mode,
                               antialias=True)
-        flipped = bool(torch.rand(()) < self.flip_p)
+        flipped = _bernoulli(self.flip_p, generator)
         if flipped:
             crop = F.horizontal_flip(crop)
         box = torch.tensor([top / height, left / width, (top + h) / height, (left + w) / width])
         return crop, box, flipped
 
-    def colour(self, crop: Tensor, spec: CropSpec) -> Tensor:
+    def colour(self, crop: Tensor, spec: CropSpec, generator: torch.Generator | None = None) -> Tensor:
         """The photometric part of one view on a uint8 crop; float in between, one rounding at the end."""
-        do_jitter = bool(torch.rand(()) < self.jitter_p)
-        do_gray = bool(torch.rand(()) < self.grayscale_p)
-        do_blur = bool(torch.rand(()) < spec.blur_p)
-        do_solarize = bool(torch.rand(()) < spec.solarize_p)
+        do_jitter = _bernoulli(self.jitter_p, generator)
+        do_gray = _bernoulli(self.grayscale_p, generator)
+        do_blur = _bernoulli(spec.blur_p, generator)
+        do_solarize = _bernoulli(spec.solarize_p, generator)
+        # drawn whether used or not, so that one view's choices never shift the next view's draws
+        jitter_params = color_jitter_params(self.jitter, generator)
+        sigma = _uniform(*self.blur_sigma, generator)
         if not (do_jitter or do_gray or do_blur or do_solarize):
             return crop
         x = crop.float().div_(255.0)
         if do_jitter:
-            x = colour.color_jitter(x, self._jitter.make_params([]))
+            x = colour.color_jitter(x, jitter_params)
         if do_gray:
             x = F.rgb_to_grayscale(x, num_output_channels=3)
         if do_blur:
-            x = colour.gaussian_blur(x, float(torch.empty(()).uniform_(*self.blur_sigma)))
+            x = colour.gaussian_blur(x, sigma)
         if do_solarize:
             x = colour.solarize(x, self.solarize_threshold / 255.0)
         return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)  # not in place: grayscale's output is expanded
@@ -422,6 +480,29 @@ class MultiCropViews:
         if self.n_local:
             groups += f" + {self.n_local} x {self.local_size} {self.local_scale}"
         return f"{type(self).__name__}({groups}, {self.interpolation})"
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of the views of data-set item ``index`` in ``epoch`` of a run seeded with ``seed``.
+
+    A pure function of the three numbers (mixed by SplitMix64-style hashing so that neighbouring items
+    and epochs get unrelated streams): the views do not depend on the loader worker, its order or the
+    number of processes.
+    """
+    state = 0
+    for value in (seed, epoch, index):
+        state = _splitmix64((state ^ (int(value) & _MASK64)) & _MASK64)
+    return torch.Generator().manual_seed(state & ((1 << 63) - 1))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def collate_views(batch: Sequence[tuple[ViewSample, int, int]], normalize: bool = False) -> Views:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_official": "ssl_modules.official",
     "save_official": "ssl_modules.official",
     "load_backbone_weights": "ssl_modules.official",
+    "ExactResume": "ssl_modules.resume",
 }
 
 __all__ = list(_EXPORTS)
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .base import SSLModule
     from .cribo import CrIBo
     from .official import load_backbone_weights, load_official, save_official
+    from .resume import ExactResume
     from .vicregl import VICRegL
 
 

@@ -337,6 +337,13 @@ class SSLModule(pl.LightningModule):
         return {}
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """``ExactResume`` (RNG states per rank in checkpoints, mid-epoch checkpoints on graceful stops,
+        ``docs/resume.md``); subclasses extend the list (``super().configure_callbacks()``)."""
+        from .resume import ExactResume
+
+        return [ExactResume()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ssl_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

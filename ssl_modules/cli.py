@@ -38,6 +38,23 @@ def _import_methods() -> None:
 class SSLCLI(LightningCLI):
     """LightningCLI in subclass mode for models and data, exporting the backbone after ``fit``."""
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: ``last`` finds the run's newest checkpoint, another method's checkpoint fails
+        naming both classes, and the config's hyper-parameters are applied with the differences printed
+        (``ssl_modules.resume.prepare_resume``; Lightning's own parse would silently apply the checkpoint's)."""
+        from ssl_modules.resume import prepare_resume
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        model = section.get("model")
+        if model is None or not model.get("class_path"):
+            super()._parse_ckpt_path()  # no model in the config: its hyper-parameters come from the checkpoint
+            return
+        for line in prepare_resume(section):
+            rank_zero_only(print)(line)
+
     def after_fit(self) -> None:
         # On every process: under DDP ``trainer.log_dir`` is a collective call (a broadcast from rank 0).
         trainer = self.trainer
