@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "bam_positive_mask",
     "balanced_attention",
@@ -105,6 +107,7 @@ def _gather_target_columns(local_columns: Tensor, num_target_crops: int, gather:
 
 
 # ---------------------------------------------------------------------------------------------- public
+@full_precision
 def bam_positive_mask(
     batch_size: int,
     num_crops: int,
@@ -140,6 +143,7 @@ def bam_positive_mask(
 
 
 @torch.no_grad()
+@full_precision
 def balanced_attention(
     similarity: Tensor,
     temperature: float = 0.05,
@@ -189,6 +193,7 @@ def balanced_attention(
 
 
 @torch.no_grad()
+@full_precision
 def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
     """Keep, per image, the ``k`` target columns of largest mass averaged over its global crops.
 
@@ -212,6 +217,7 @@ def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
     return (kept / kept.sum(dim=-1, keepdim=True)).reshape(rows, columns)
 
 
+@full_precision
 def attention_matching_loss(
     similarity: Tensor,
     targets: Tensor,
@@ -259,6 +265,7 @@ def attention_matching_loss(
     return {"loss": loss, "attention": attention}
 
 
+@full_precision
 def bam_loss(
     student: Sequence[Tensor],
     teacher: Sequence[Tensor] | None = None,

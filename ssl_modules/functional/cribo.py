@@ -11,7 +11,6 @@ the same result on the valid rows.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -19,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "joint_space_clustering",
     "object_representations",
     "cycle_consistent_neighbours",
+    "cycle_mask",
     "memory_bank_enqueue",
     "memory_bank_enqueue_padded",
     "cribo_global_loss",
@@ -43,13 +45,6 @@ def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for other in dtypes:
         dtype = torch.promote_types(dtype, other)
     return dtype
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable autocast: under AMP, matmuls would otherwise run in fp16/bf16 despite float32 inputs."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _is_integer(t: Tensor) -> bool:
@@ -190,6 +185,7 @@ def _initial_labels(init_indices: Tensor, tokens: int, num_clusters: int) -> Ten
     return labels.scatter(1, init_indices, clusters)
 
 
+@full_precision
 def joint_space_clustering(
     dense: Sequence[Tensor], positions: Sequence[Tensor], init_indices: Tensor, pos_weight: float = 1.0,
     num_iterations: int = 5, sinkhorn_iterations: int = 5, sinkhorn_lambda: float = 20.0,
@@ -222,7 +218,7 @@ def joint_space_clustering(
     num_clusters = init_indices.shape[1]
     dtype = _work_dtype(dense[0].dtype, positions[0].dtype)
     init_indices = init_indices.long()
-    with torch.no_grad(), _no_autocast(dense[0].device):
+    with torch.no_grad():
         z = F.normalize(torch.cat([dense[0], dense[1]], dim=1).to(dtype), dim=-1)  # (B, T, D)
         member_dist = _member_distances(torch.cat([positions[0], positions[1]], dim=1).to(dtype))
         labels = _initial_labels(init_indices, 2 * tokens, num_clusters)
@@ -243,6 +239,7 @@ def joint_space_clustering(
 
 
 # ------------------------------------------------------------------------------------------- objects
+@full_precision
 def object_representations(dense: Sequence[Tensor], labels: Tensor, num_clusters: int) -> dict[str, Tensor]:
     """Mean token of every (view, image, cluster) and the clusters present in both views (README §2).
 
@@ -323,6 +320,7 @@ def _default_chunk_size(num_queries: int, num_rows: int) -> int:
     return max(1, min(num_rows, _SEARCH_CHUNK_ELEMENTS // max(2 * num_queries, 1)))
 
 
+@full_precision
 def cycle_consistent_neighbours(
     queries: Tensor, bank: Tensor, normalize_bank: bool = True, *, query_valid: Tensor | None = None,
     bank_valid: Tensor | None = None, query_groups: Tensor | None = None, chunk_size: int | None = None,
@@ -351,24 +349,40 @@ def cycle_consistent_neighbours(
     if chunk_size is None:
         chunk_size = _default_chunk_size(num_queries, num_rows)
     dtype = _work_dtype(queries.dtype, bank.dtype)
-    with torch.no_grad(), _no_autocast(queries.device):
+    with torch.no_grad():
         q = F.normalize(queries.to(dtype), dim=-1)
         indices = _nearest_bank_rows(q, bank, normalize_bank, bank_valid, chunk_size)
         neighbours = torch.stack([bank[v].index_select(0, indices[v]) for v in range(2)])
         # jump to the other view of the retrieved object, then search back among the batch's objects
         jumped = torch.stack([bank[1 - v].index_select(0, indices[v]) for v in range(2)])
-        back = _keys(jumped, dtype, normalize_bank) @ q.flip(0).transpose(1, 2)  # (2, M, M)
-        if query_valid is not None:
-            back = back.masked_fill(~query_valid, -math.inf)
-        if query_groups is not None:
-            back = back.masked_fill(query_groups[:, None] != query_groups[None, :], -math.inf)
-        own_row = torch.arange(num_queries, device=queries.device)
-        mask = back.argmax(dim=-1) == own_row if num_queries else own_row.new_zeros((2, 0), dtype=torch.bool)
-        if query_valid is not None:
-            mask = mask & query_valid
+        mask = cycle_mask(_keys(jumped, dtype, normalize_bank), q, query_valid, query_groups)
         if bank_valid is not None:
             mask = mask & bank_valid.any()
     return {"indices": indices, "neighbours": neighbours, "mask": mask}
+
+
+@full_precision
+def cycle_mask(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None = None,
+               query_groups: Tensor | None = None) -> Tensor:
+    """The cycle test of README §3 from the retrieved objects' other-view keys.
+
+    ``jumped_keys[v, m]``: the search key (normalised or raw, as the bank is searched) of the other view of
+    the bank object retrieved for query ``(v, m)``; ``queries``: the l2-normalised queries ``(2, M, D)``.
+    ``mask[v, m]`` is True iff the back search of ``jumped_keys[v, m]`` among the valid queries of view
+    ``1 - v`` in the same group lands on row ``m``. Shared by the functional reference and the in-place
+    :class:`~ssl_modules.memory_bank.ObjectMemoryBank`.
+    """
+    num_queries = queries.shape[1]
+    back = jumped_keys @ queries.flip(0).transpose(1, 2)  # (2, M, M)
+    if query_valid is not None:
+        back = back.masked_fill(~query_valid, -math.inf)
+    if query_groups is not None:
+        back = back.masked_fill(query_groups[:, None] != query_groups[None, :], -math.inf)
+    own_row = torch.arange(num_queries, device=queries.device)
+    mask = back.argmax(dim=-1) == own_row if num_queries else own_row.new_zeros((2, 0), dtype=torch.bool)
+    if query_valid is not None:
+        mask = mask & query_valid
+    return mask
 
 
 # -------------------------------------------------------------------------------------- memory bank
@@ -475,6 +489,7 @@ def _check_object_pair(tensors: Sequence[Tensor], name: str, like: tuple[int, ..
     return first.shape[0], first.shape[1]
 
 
+@full_precision
 def cribo_global_loss(
     student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, teacher_temp: float,
     student_temp: float = 0.1,
@@ -507,6 +522,7 @@ def cribo_global_loss(
     return (sum(terms) / len(terms)).to(student[0].dtype)
 
 
+@full_precision
 def cribo_object_loss(
     student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, teacher_temp: float,
     student_temp: float = 0.1, *, valid: Tensor | None = None,
@@ -533,6 +549,7 @@ def cribo_object_loss(
     return ((loss_1to2 + loss_2to1) / 2).to(student[0].dtype)
 
 
+@full_precision
 def cribo_cross_image_loss(
     student: Sequence[Tensor], neighbours: Sequence[Tensor], mask: Tensor, center: Tensor, teacher_temp: float,
     student_temp: float = 0.1, *, valid: Tensor | None = None,
@@ -568,6 +585,7 @@ def cribo_cross_image_loss(
     return torch.where(accepted > 0, loss, torch.zeros_like(loss)).to(student[0].dtype)
 
 
+@full_precision
 def cribo_loss(
     student_global: Sequence[Tensor], teacher_global: Sequence[Tensor], student_objects: Sequence[Tensor],
     teacher_objects: Sequence[Tensor], neighbour_objects: Sequence[Tensor], cycle_mask: Tensor, center: Tensor,

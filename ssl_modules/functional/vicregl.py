@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "vicreg_loss",
     "vicregl_global_loss",
@@ -94,6 +96,7 @@ def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"loss": terms["invariance"] + terms["variance"] + terms["covariance"], **terms}
 
 
+@full_precision
 def vicreg_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -139,6 +142,7 @@ def _anchor_pairs(num_views: int) -> list[tuple[int, int]]:
     return [(i, j) for i in (0, 1) for j in range(num_views) if j != i]
 
 
+@full_precision
 def vicregl_global_loss(
     embeddings: Sequence[Tensor],
     inv_coeff: float = 25.0,
@@ -185,6 +189,7 @@ def _grid_shape(grid_size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+@full_precision
 def feature_cell_locations(
     boxes: Tensor, grid_size: int | tuple[int, int], flipped: Tensor | None = None
 ) -> Tensor:
@@ -271,6 +276,7 @@ def _select_matches(distances: Tensor, keep: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
+@full_precision
 def match_by_location(
     query_locations: Tensor, candidate_locations: Tensor, num_matches: int | None = None
 ) -> dict[str, Tensor]:
@@ -292,6 +298,7 @@ def match_by_location(
 
 
 @torch.no_grad()
+@full_precision
 def match_by_features(query: Tensor, candidate: Tensor, num_matches: int | None = None) -> dict[str, Tensor]:
     """Match every query cell to the candidate cell nearest in embedding space and keep the closest pairs.
 
@@ -437,6 +444,7 @@ def _check_local_inputs(
         _resolve_num_matches(num_matches[1], maps[b].shape[1], f" for num_matches[1] (view {b} querying view {a})")
 
 
+@full_precision
 def vicregl_local_loss(
     maps_a: Tensor,
     maps_b: Tensor,
@@ -474,6 +482,7 @@ def vicregl_local_loss(
 
 
 # ======================================================================================= full loss
+@full_precision
 def vicregl_loss(
     embeddings: Sequence[Tensor] | None,
     maps: Sequence[Tensor] | None,
