@@ -15,6 +15,8 @@ _EXPORTS = {
     "VICRegL": "ssl_modules.vicregl",
     "BAM": "ssl_modules.bam",
     "CrIBo": "ssl_modules.cribo",
+    "ObjectMemoryBank": "ssl_modules.memory_bank",
+    "PerformanceOptions": "ssl_modules.performance",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from .bam import BAM
     from .base import SSLModule
     from .cribo import CrIBo
+    from .memory_bank import ObjectMemoryBank
+    from .performance import PerformanceOptions
     from .vicregl import VICRegL
 
 
