@@ -1,5 +1,5 @@
 """The GPU benchmark suite's CPU smoke mode: every case runs, the table and the JSON come out."""
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -10,11 +10,9 @@ SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
 
 
 def _suite():
-    sys.path.insert(0, str(SUITE.parent))
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(SUITE.parent) not in sys.path:
+        sys.path.insert(0, str(SUITE.parent))
+    return importlib.import_module("gpu_suite")
 
 
 @pytest.mark.slow
