@@ -224,13 +224,18 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         objects = distributed.all_gather_no_grad(teacher_objects.transpose(0, 1).contiguous()).transpose(0, 1)
         self.memory_bank.enqueue_(objects, distributed.all_gather_no_grad(valid))
 
+    @staticmethod
+    def project_globals(head: CrIBoHead, feats: list[Features]) -> list[Tensor]:
+        """The global head on every view's CLS token in one call (the official DINO-style head call)."""
+        return list(head(torch.cat([f.global_ for f in feats])).chunk(len(feats)))
+
     def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
         hp = self.hparams
         batch, clusters = views.batch_size, hp.num_clusters
         with torch.no_grad():
             teacher_feats = self.encode_views(lambda x: self.encode(self.teacher["backbone"], x), views.crops[:2])
             self._check_batch(views, teacher_feats[0])
-            teacher_global = [self.teacher["head"](f.global_) for f in teacher_feats]
+            teacher_global = self.project_globals(self.teacher["head"], teacher_feats)
             labels = self.cluster(views, teacher_feats)
             teacher = object_representations([f.dense for f in teacher_feats], labels, clusters)  # float32
             valid = teacher["valid"]
@@ -240,7 +245,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
             neighbour_objects = self.teacher["head"].objects(neighbours["neighbours"])
 
         student_feats = self.encode_views(self.forward, views.crops)
-        student_global = [self.head(f.global_) for f in student_feats]
+        student_global = self.project_globals(self.head, student_feats)
         student = object_representations([f.dense for f in student_feats[:2]], labels, clusters)["objects"]
         student_objects = self.head.objects(student.reshape(2, batch * clusters, -1))
 
@@ -282,15 +287,17 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
     @torch.no_grad()
     def update_centers(self, teacher_global: list[Tensor], teacher_objects: Tensor, valid: Tensor) -> None:
         """EMA of the teacher logits' global means (sums and counts all-reduced over processes)."""
-        momentum = self.hparams.center_momentum
+        momentum, width = self.hparams.center_momentum, self.center.shape[1]
         logits = torch.cat(teacher_global).to(self.center.dtype)
-        total = distributed.all_reduce(logits.sum(0, keepdim=True), "sum")
+        weights = valid.reshape(1, -1, 1).to(self.center.dtype)
+        sums = torch.cat([  # one collective for both sums and the object count
+            logits.sum(0), (teacher_objects.to(weights.dtype) * weights).sum(dim=(0, 1)), 2 * weights.sum()[None],
+        ])
+        sums = distributed.all_reduce(sums, "sum")
         count = logits.shape[0] * distributed.world_size()
-        self.center.mul_(momentum).add_(total / count, alpha=1 - momentum)
-        weights = valid.reshape(1, -1, 1).to(self.object_center.dtype)
-        object_total = distributed.all_reduce((teacher_objects.to(weights.dtype) * weights).sum(dim=(0, 1))[None], "sum")
-        object_count = distributed.all_reduce(2 * valid.sum().to(object_total.dtype), "sum").clamp(min=1)
-        self.object_center.mul_(momentum).add_(object_total / object_count, alpha=1 - momentum)
+        self.center.mul_(momentum).add_(sums[None, :width] / count, alpha=1 - momentum)
+        object_count = sums[-1].clamp(min=1)
+        self.object_center.mul_(momentum).add_(sums[None, width:-1] / object_count, alpha=1 - momentum)
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
