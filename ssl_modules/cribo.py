@@ -20,7 +20,7 @@ from .backbones import Features
 from .base import SSLModule
 from .functional import cribo_loss, joint_space_clustering, object_representations
 from .heads import DINOHead, NormalizedLinear
-from .memory_bank import ObjectMemoryBank
+from .memory_bank import ObjectMemoryBank, upgrade_flat_bank_keys
 from .mixins import LocalMatching, MultiCrop, TeacherEMA
 
 __all__ = ["CrIBo", "CrIBoHead"]
@@ -145,6 +145,8 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         # The official initial bank: uniform random rows, every slot "full" (K objects), identical on
         # every process (a fixed seed), pushed out by real objects one batch at a time.
         self.memory_bank = ObjectMemoryBank(queue_size, num_clusters, width, normalized_matching, seed=0)
+        self._register_load_state_dict_pre_hook(
+            lambda state, prefix, *_: upgrade_flat_bank_keys(state, prefix, "memory_bank", normalized_matching))
 
     # ----------------------------------------------------------------------------------- schedules
     def temperatures(self) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional.cribo import cycle_mask
 
-__all__ = ["ObjectMemoryBank"]
+__all__ = ["ObjectMemoryBank", "upgrade_flat_bank_keys"]
 
 _EPS = 1e-12  # F.normalize's eps: key = row / max(||row||, eps)
 
@@ -175,3 +175,15 @@ class ObjectMemoryBank(nn.Module):
         self.counts.copy_(counts)
         self.row_head.zero_()
         self.slot_head.zero_()
+
+
+def upgrade_flat_bank_keys(state_dict: dict[str, Tensor], prefix: str, bank_prefix: str, normalized: bool) -> None:
+    """Rewrite a state dict's reference-layout ``bank`` / ``bank_counts`` (checkpoints of earlier versions
+    of this library) into the buffers of the :class:`ObjectMemoryBank` at ``bank_prefix``, in place."""
+    bank, counts = state_dict.pop(prefix + "bank", None), state_dict.pop(prefix + "bank_counts", None)
+    if bank is None or counts is None:
+        return
+    ring = ObjectMemoryBank(counts.shape[0], bank.shape[1] // counts.shape[0], bank.shape[2], normalized).to(bank.dtype)
+    ring.load_logical_(bank, counts)
+    for name, buffer in ring.named_buffers():
+        state_dict[f"{prefix}{bank_prefix}.{name}"] = buffer

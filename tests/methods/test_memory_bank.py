@@ -109,3 +109,18 @@ def test_search_and_enqueue_allocate_nothing_of_bank_size():
         ring.search(queries.reshape(2, -1, 64), query_valid=valid.reshape(-1), chunk_size=1024)
         ring.enqueue_(queries, valid)
     assert mode.largest < one_view / 8, (mode.largest, one_view)
+
+
+def test_cribo_loads_a_state_dict_with_the_flat_bank_of_earlier_versions():
+    from conftest import TINY_VIT
+    from ssl_modules.cribo import CrIBo
+
+    kwargs = dict(backbone_kwargs=dict(TINY_VIT), out_dim=16, object_out_dim=16, head_hidden_dim=16,
+                  head_bottleneck_dim=8, num_clusters=K, queue_size=SLOTS)
+    module = CrIBo("vit_tiny_patch16_224", **kwargs)
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("memory_bank.")}
+    bank = torch.randn(2, SLOTS * K, module.backbone.num_features)
+    counts = torch.randint(0, K + 1, (SLOTS,))
+    module.load_state_dict({**state, "bank": bank, "bank_counts": counts})
+    torch.testing.assert_close(module.memory_bank.logical()["bank"], bank)
+    assert torch.equal(module.memory_bank.logical()["counts"], counts)
