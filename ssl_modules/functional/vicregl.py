@@ -96,6 +96,12 @@ def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"loss": terms["invariance"] + terms["variance"] + terms["covariance"], **terms}
 
 
+def _check_vicreg_inputs(z_a: Tensor, z_b: Tensor) -> None:
+    _check_embedding_batch(z_a, "z_a")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+
+
 @full_precision
 def vicreg_loss(
     z_a: Tensor,
@@ -118,9 +124,7 @@ def vicreg_loss(
         ``loss`` is their sum). Variance and covariance are batch statistics of every slot on its own,
         averaged over the slots; the two branches are averaged.
     """
-    _check_embedding_batch(z_a, "z_a")
-    if z_a.shape != z_b.shape:
-        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    _check_vicreg_inputs(z_a, z_b)
     return _with_total(_vicreg_terms(z_a, z_b, inv_coeff, var_coeff, cov_coeff, eps))
 
 
@@ -140,6 +144,14 @@ def _check_view_list(tensors: Sequence[Tensor] | None, name: str, ndim: int) -> 
 def _anchor_pairs(num_views: int) -> list[tuple[int, int]]:
     """The ``2 (V - 1)`` ordered pairs ``(i, j)``: ``i`` a large view (0 or 1), ``j`` any other view."""
     return [(i, j) for i in (0, 1) for j in range(num_views) if j != i]
+
+
+def _check_global_inputs(embeddings: Sequence[Tensor]) -> None:
+    _check_view_list(embeddings, "embeddings", ndim=2)
+    shapes = {tuple(e.shape) for e in embeddings}
+    if len(shapes) != 1:
+        raise ValueError(f"all embeddings must have the same shape (B, D), got {sorted(shapes)}")
+    _check_embedding_batch(embeddings[0], "embeddings")
 
 
 @full_precision
@@ -164,11 +176,7 @@ def vicregl_global_loss(
         ordered (large view, other view) pairs; variance and covariance are computed for every view on its
         own and averaged over the views. With two views this is ``vicreg_loss(embeddings[0], embeddings[1])``.
     """
-    _check_view_list(embeddings, "embeddings", ndim=2)
-    shapes = {tuple(e.shape) for e in embeddings}
-    if len(shapes) != 1:
-        raise ValueError(f"all embeddings must have the same shape (B, D), got {sorted(shapes)}")
-    _check_embedding_batch(embeddings[0], "embeddings")
+    _check_global_inputs(embeddings)
     views = (gather or _identity)(torch.stack(list(embeddings), dim=1))  # (B, V, D): views act as slots
     pairs = _anchor_pairs(views.shape[1])
     invariance = torch.stack([F.mse_loss(views[:, i], views[:, j]) for i, j in pairs]).mean()
@@ -189,6 +197,19 @@ def _grid_shape(grid_size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _check_location_inputs(boxes: Tensor, grid_size: int | Sequence[int], flipped: Tensor | None) -> tuple[int, int]:
+    """Validate and return the grid ``(h, w)``."""
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must be (..., 4) = (y0, x0, y1, x1), got shape {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"boxes must be a floating tensor, got {boxes.dtype}; convert with boxes.float()")
+    if flipped is not None and flipped.shape != boxes.shape[:-1]:
+        raise ValueError(
+            f"flipped must have shape boxes.shape[:-1] = {tuple(boxes.shape[:-1])}, got {tuple(flipped.shape)}"
+        )
+    return _grid_shape(grid_size)
+
+
 @full_precision
 def feature_cell_locations(
     boxes: Tensor, grid_size: int | tuple[int, int], flipped: Tensor | None = None
@@ -207,15 +228,7 @@ def feature_cell_locations(
         ``boxes``: the centre of tile ``(r, c')`` of the box cut into ``h x w`` equal tiles, ``c' = w - 1 - c``
         for a flipped crop.
     """
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes must be (..., 4) = (y0, x0, y1, x1), got shape {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise ValueError(f"boxes must be a floating tensor, got {boxes.dtype}; convert with boxes.float()")
-    if flipped is not None and flipped.shape != boxes.shape[:-1]:
-        raise ValueError(
-            f"flipped must have shape boxes.shape[:-1] = {tuple(boxes.shape[:-1])}, got {tuple(flipped.shape)}"
-        )
-    h, w = _grid_shape(grid_size)
+    h, w = _check_location_inputs(boxes, grid_size, flipped)
     y0, x0, y1, x1 = (coord[..., None] for coord in boxes.unbind(-1))
     rows = torch.arange(h, dtype=boxes.dtype, device=boxes.device) + 0.5
     cols = torch.arange(w, dtype=boxes.dtype, device=boxes.device) + 0.5
