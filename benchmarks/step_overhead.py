@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssl_modules.base import SSLModule  # noqa: E402
 from ssl_modules.mixins.multicrop import resolution_groups  # noqa: E402
+from ssl_modules.performance import compile_backbones, set_grad_checkpointing  # noqa: E402
 from ssl_modules.testing import random_views  # noqa: E402
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2)
@@ -90,13 +91,15 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def time_method(module: SSLModule, views, steps: int, warmup: int, device: torch.device, precision: str) -> float:
-    """Median seconds of a full training step of ``module`` inside a Trainer."""
+def time_method(module: SSLModule, views, steps: int, warmup: int, device: torch.device, precision: str,
+                callbacks: list[pl.Callback] | None = None) -> float:
+    """Median seconds of a full training step of ``module`` inside a Trainer (``callbacks`` run too)."""
     loader = DataLoader(range(steps + warmup), batch_size=None, collate_fn=lambda _: views)
     timer = StepTimer(device)
     trainer = pl.Trainer(
         accelerator=device.type, devices=1, max_epochs=1, precision=precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer, *(callbacks or [])],
     )
     trainer.fit(module, loader)
     return statistics.median(timer.times[warmup:])
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on GPUs")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile-backbone", action="store_true", help="torch.compile the backbones first")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="timm activation checkpointing")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -147,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     module, sizes, batch = PRESETS[args.method][args.preset]()
+    if args.grad_checkpointing:
+        set_grad_checkpointing(module)
+    if args.compile_backbone:
+        compile_backbones(module)
     views = random_views(args.batch_size or batch, sizes)
     base = time_backbone(module, views, args.steps, args.warmup, device, args.precision)
     full = time_method(module, views, args.steps, args.warmup, device, args.precision)

@@ -19,6 +19,8 @@ _EXPORTS = {
     "save_official": "ssl_modules.official",
     "load_backbone_weights": "ssl_modules.official",
     "ExactResume": "ssl_modules.resume",
+    "ObjectMemoryBank": "ssl_modules.memory_bank",
+    "PerformanceOptions": "ssl_modules.performance",
 }
 
 __all__ = list(_EXPORTS)
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from .cribo import CrIBo
     from .official import load_backbone_weights, load_official, save_official
     from .resume import ExactResume
+    from .memory_bank import ObjectMemoryBank
+    from .performance import PerformanceOptions
     from .vicregl import VICRegL
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import distributed
 from .backbones import Backbone, is_vision_transformer_name
-from .base import SSLModule, upcast
+from .base import SSLModule
 from .contrastive_crop import ContrastiveCrop
 from .functional import bam_loss
 from .heads import MLP
@@ -171,37 +171,42 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
     # ---------------------------------------------------------------------------------------- step
     def project(self, backbone: Backbone, projector: MLP, crops: list[Tensor]) -> list[Tensor]:
         """Encode the crops (one call per resolution) and project all of them in one call."""
-        feats = encode_views(lambda x: self.encode(backbone, x), crops)
-        return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops)))
+        return self.encode_and_project(backbone, projector, crops)[0]
 
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    def encode_and_project(self, backbone: Backbone, projector: MLP,
+                           crops: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """``project`` and the backbone's global feature of the first crop ``(B, C)``."""
+        feats = encode_views(lambda x: self.encode(backbone, x), crops)
+        return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops))), feats[0].global_
+
+    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
         if views.num_views < 2:
             raise ValueError(f"BAM needs at least 2 crops per image, got {views.num_views}")
-        student = self.project(self.backbone, self.projector, views.crops)
+        student, embedding = self.encode_and_project(self.backbone, self.projector, views.crops)
         teacher = None
         if self.has_teacher:
             with torch.no_grad():
-                teacher = self.project(self.teacher["backbone"], self.teacher["projector"], views.crops)
+                teacher, embedding = self.encode_and_project(self.teacher["backbone"], self.teacher["projector"],
+                                                             views.crops)
         out = self.criterion(student, teacher)
         self.log_terms(
             {"loss": out["loss"], "attention_entropy": _row_entropy(out["attention"]),
              "target_entropy": _row_entropy(out["targets"]), "sinkhorn_temperature": self.sinkhorn_temperature()},
             sync_dist=distributed.world_size() > 1,
         )
-        return out["loss"]
+        return {"loss": out["loss"], "embedding": embedding.detach()}
 
     def criterion(self, student: list[Tensor], teacher: list[Tensor] | None) -> dict[str, Tensor]:
-        """This process's share of the BAM loss, in float32: own rows, columns and Sinkhorn over all processes."""
+        """This process's share of the BAM loss: own rows, columns and Sinkhorn over all processes."""
         hp = self.hparams
-        with torch.autocast(self.device.type, enabled=False):
-            return bam_loss(
-                [upcast(s) for s in student], None if teacher is None else [upcast(t) for t in teacher],
-                num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
-                softmax_temperature=hp.softmax_temperature, sinkhorn_temperature=self.sinkhorn_temperature(),
-                num_sinkhorn_iters=hp.num_sinkhorn_iters, positive_masking=hp.positive_masking, top_k=hp.top_k,
-                gather=distributed.all_gather_with_grad, all_reduce=distributed.all_reduce,
-                rank=distributed.rank(), world_size=distributed.world_size(),
-            )
+        return bam_loss(
+            student, teacher,
+            num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
+            softmax_temperature=hp.softmax_temperature, sinkhorn_temperature=self.sinkhorn_temperature(),
+            num_sinkhorn_iters=hp.num_sinkhorn_iters, positive_masking=hp.positive_masking, top_k=hp.top_k,
+            gather=distributed.all_gather_with_grad, all_reduce=distributed.all_reduce,
+            rank=distributed.rank(), world_size=distributed.world_size(),
+        )
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -218,7 +223,7 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
                 teacher = self.project(self.teacher["backbone"], self.teacher["projector"], crops)
         hp = self.hparams
         top_k = min(hp.top_k, (hp.num_target_crops or hp.num_global_crops) * crops[0].shape[0])
-        out = full_batch_loss([upcast(s) for s in student], None if teacher is None else [upcast(t) for t in teacher],
+        out = full_batch_loss(student, teacher,
                               num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
                               softmax_temperature=hp.softmax_temperature,
                               sinkhorn_temperature=self.sinkhorn_temperature(),

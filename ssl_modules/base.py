@@ -379,11 +379,6 @@ class SSLModule(pl.LightningModule):
         return path
 
 
-def upcast(x: Tensor) -> Tensor:
-    """Half-precision tensors to float32 (losses run in at least float32 under autocast); others unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 @torch.no_grad()
 def clip_per_parameter_(params: list[Tensor], clip: float) -> None:
     """Rescale every gradient whose own l2 norm exceeds ``clip`` to norm ``clip`` (DINO's rule)."""

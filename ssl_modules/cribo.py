@@ -13,19 +13,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed
 from .backbones import Backbone, Features, is_vit_name
-from .base import SSLModule, upcast
-from .functional import (
-    cribo_loss,
-    cycle_consistent_neighbours,
-    joint_space_clustering,
-    memory_bank_enqueue_padded,
-    object_representations,
-)
+from .base import SSLModule
+from .functional import cribo_loss, joint_space_clustering, object_representations
 from .heads import DINOHead, NormalizedLinear
+from .memory_bank import ObjectMemoryBank, upgrade_flat_bank_keys
 from .mixins import TeacherEMA, cell_locations, encode_views
 from .ranges import check_ranges
 from .schedules import RunPlan, Schedule, linspace_ramp
@@ -158,10 +153,10 @@ class CrIBo(TeacherEMA, SSLModule):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("object_center", torch.zeros(1, object_out_dim))
         # The official initial bank: uniform random rows, every slot "full" (K objects), identical on
-        # every process (a fixed generator), pushed out by real objects one batch at a time.
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer("bank", torch.rand(2, num_clusters * queue_size, width, generator=generator))
-        self.register_buffer("bank_counts", torch.full((queue_size,), num_clusters, dtype=torch.long))
+        # every process (a fixed seed), pushed out by real objects one batch at a time.
+        self.memory_bank = ObjectMemoryBank(queue_size, num_clusters, width, normalized_matching, seed=0)
+        self._register_load_state_dict_pre_hook(
+            lambda state, prefix, *_: upgrade_flat_bank_keys(state, prefix, "memory_bank", normalized_matching))
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         """The official (DINO) ViT draws its CLS token from a truncated normal of std 0.02 (timm: 1e-6)."""
@@ -267,54 +262,52 @@ class CrIBo(TeacherEMA, SSLModule):
     def cluster(self, views, teacher_feats: list[Features]) -> Tensor:
         """Joint-space clustering of the teacher's patch tokens of both views -> labels ``(2, B, N)``."""
         hp = self.hparams
-        dense = [upcast(f.dense) for f in teacher_feats[:2]]
-        with torch.autocast(self.device.type, enabled=False):
-            return joint_space_clustering(
-                dense, self.patch_positions(views, teacher_feats), self.initial_centroids(views, 2 * dense[0].shape[1]),
-                pos_weight=hp.pos_weight, num_iterations=hp.cluster_iterations,
-                sinkhorn_iterations=hp.cluster_sinkhorn_iterations, sinkhorn_lambda=hp.cluster_sinkhorn_lambda,
-                update_marginals=hp.update_marginals, groups=views.batch_size // self.group_size(views.batch_size),
-            )["labels"]
+        dense = [f.dense for f in teacher_feats[:2]]
+        return joint_space_clustering(
+            dense, self.patch_positions(views, teacher_feats), self.initial_centroids(views, 2 * dense[0].shape[1]),
+            pos_weight=hp.pos_weight, num_iterations=hp.cluster_iterations,
+            sinkhorn_iterations=hp.cluster_sinkhorn_iterations, sinkhorn_lambda=hp.cluster_sinkhorn_lambda,
+            update_marginals=hp.update_marginals, groups=views.batch_size // self.group_size(views.batch_size),
+        )["labels"]
 
     def retrieve(self, teacher_objects: Tensor, valid: Tensor) -> dict[str, Tensor]:
         """Nearest bank object of every teacher object, with the cycle test (the bank before this step's
         update). ``teacher_objects (2, B, K, D)``, ``valid (B, K)``."""
         batch, clusters = valid.shape
         group = torch.arange(batch, device=valid.device) // self.group_size(batch)
-        bank_valid = torch.arange(self.bank.shape[1], device=valid.device) < self.bank_counts.sum()
-        with torch.autocast(self.device.type, enabled=False):
-            return cycle_consistent_neighbours(
-                teacher_objects.reshape(2, batch * clusters, -1), self.bank, self.hparams.normalized_matching,
-                query_valid=valid.reshape(-1), bank_valid=bank_valid,
-                query_groups=group.repeat_interleave(clusters), chunk_size=self.hparams.search_chunk_size,
-            )
+        return self.memory_bank.search(
+            teacher_objects.reshape(2, batch * clusters, -1), query_valid=valid.reshape(-1),
+            query_groups=group.repeat_interleave(clusters), chunk_size=self.hparams.search_chunk_size,
+        )
 
     @torch.no_grad()
     def enqueue(self, teacher_objects: Tensor, valid: Tensor) -> None:
         """Push the objects of every process's batch (rank order) into the banks; identical on all ranks."""
         objects = distributed.all_gather_no_grad(teacher_objects.transpose(0, 1).contiguous()).transpose(0, 1)
-        updated = memory_bank_enqueue_padded(self.bank, self.bank_counts, objects.to(self.bank.dtype),
-                                             distributed.all_gather_no_grad(valid))
-        self.bank.copy_(updated["bank"])
-        self.bank_counts.copy_(updated["counts"])
+        self.memory_bank.enqueue_(objects, distributed.all_gather_no_grad(valid))
 
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    @staticmethod
+    def project_globals(head: CrIBoHead, feats: list[Features]) -> list[Tensor]:
+        """The global head on every view's CLS token in one call (the official DINO-style head call)."""
+        return list(head(torch.cat([f.global_ for f in feats])).chunk(len(feats)))
+
+    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
         hp = self.hparams
         batch, clusters = views.batch_size, hp.num_clusters
         with torch.no_grad():
             teacher_feats = encode_views(lambda x: self.encode(self.teacher["backbone"], x), views.crops[:2])
             self._check_batch(views, teacher_feats[0])
-            teacher_global = [self.teacher["head"](f.global_) for f in teacher_feats]
+            teacher_global = self.project_globals(self.teacher["head"], teacher_feats)
             labels = self.cluster(views, teacher_feats)
-            teacher = object_representations([f.dense for f in teacher_feats], labels, clusters)
+            teacher = object_representations([f.dense for f in teacher_feats], labels, clusters)  # float32
             valid = teacher["valid"]
             neighbours = self.retrieve(teacher["objects"], valid)
             self.enqueue(teacher["objects"], valid)
             teacher_objects = self.teacher["head"].objects(teacher["objects"].reshape(2, batch * clusters, -1))
-            neighbour_objects = self.teacher["head"].objects(neighbours["neighbours"].to(teacher_objects.dtype))
+            neighbour_objects = self.teacher["head"].objects(neighbours["neighbours"])
 
         student_feats = encode_views(self.forward, views.crops)
-        student_global = [self.head(f.global_) for f in student_feats]
+        student_global = self.project_globals(self.head, student_feats)
         student = object_representations([f.dense for f in student_feats[:2]], labels, clusters)["objects"]
         student_objects = self.head.objects(student.reshape(2, batch * clusters, -1))
 
@@ -322,45 +315,52 @@ class CrIBo(TeacherEMA, SSLModule):
                              neighbours["mask"], valid)
         self.update_centers(teacher_global, teacher_objects, valid)
         self.log_terms({
-            **{k: v for k, v in out.items()},
+            **out,
             "objects_per_image": valid.sum(1).float().mean(),
             "cycle_consistent_ratio": neighbours["mask"][0].sum() / valid.sum().clamp(min=1),
         }, sync_dist=distributed.world_size() > 1)
-        return out["loss"]
+        return {"loss": out["loss"], "embedding": teacher_feats[0].global_.detach()}
 
     def criterion(self, student_global, teacher_global, student_objects, teacher_objects, neighbour_objects,
                   cycle_mask, valid) -> dict[str, Tensor]:
-        """The three losses in float32, averaged over the local groups (one group per process by default)."""
+        """The three losses, averaged over the local groups (one group per process by default)."""
         hp = self.hparams
         temp, object_temp = self.temperatures()
         batch, clusters = valid.shape
         size = self.group_size(batch)
         cross_image = self.scheduled("cross_image") > 0
         terms = []
-        with torch.autocast(self.device.type, enabled=False):
-            for start in range(0, batch, size):
-                images, rows = slice(start, start + size), slice(start * clusters, (start + size) * clusters)
-                terms.append(cribo_loss(
-                    [upcast(s[images]) for s in student_global], [upcast(t[images]) for t in teacher_global],
-                    [upcast(s[rows]) for s in student_objects], [upcast(t[rows]) for t in teacher_objects],
-                    [upcast(n[rows]) for n in neighbour_objects], cycle_mask[:, rows], self.center,
-                    self.object_center, temp, object_temp, hp.student_temp, hp.object_student_temp,
-                    cross_image=cross_image, object_valid=valid.reshape(-1)[rows],
-                ))
+        for start in range(0, batch, size):
+            images, rows = slice(start, start + size), slice(start * clusters, (start + size) * clusters)
+            terms.append(cribo_loss(
+                student_global=[s[images] for s in student_global],
+                teacher_global=[t[images] for t in teacher_global],
+                student_objects=[s[rows] for s in student_objects],
+                teacher_objects=[t[rows] for t in teacher_objects],
+                neighbour_objects=[n[rows] for n in neighbour_objects],
+                cycle_mask=cycle_mask[:, rows], center=self.center, object_center=self.object_center,
+                teacher_temp=temp, object_teacher_temp=object_temp, student_temp=hp.student_temp,
+                object_student_temp=hp.object_student_temp,
+                cross_image=cross_image, object_valid=valid.reshape(-1)[rows],
+            ))
+        if len(terms) == 1:
+            return terms[0]
         return {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
 
     @torch.no_grad()
     def update_centers(self, teacher_global: list[Tensor], teacher_objects: Tensor, valid: Tensor) -> None:
         """EMA of the teacher logits' global means (sums and counts all-reduced over processes)."""
-        momentum = self.hparams.center_momentum
-        logits = upcast(torch.cat(teacher_global))
-        total = distributed.all_reduce(logits.sum(0, keepdim=True), "sum")
+        momentum, width = self.hparams.center_momentum, self.center.shape[1]
+        logits = torch.cat(teacher_global).to(self.center.dtype)
+        weights = valid.reshape(1, -1, 1).to(self.center.dtype)
+        sums = torch.cat([  # one collective for both sums and the object count
+            logits.sum(0), (teacher_objects.to(weights.dtype) * weights).sum(dim=(0, 1)), 2 * weights.sum()[None],
+        ])
+        sums = distributed.all_reduce(sums, "sum")
         count = logits.shape[0] * distributed.world_size()
-        self.center.mul_(momentum).add_(total / count, alpha=1 - momentum)
-        weights = valid.reshape(1, -1, 1).to(teacher_objects.dtype)
-        object_total = distributed.all_reduce(upcast(teacher_objects * weights).sum(dim=(0, 1))[None], "sum")
-        object_count = distributed.all_reduce(2 * valid.sum().to(object_total.dtype), "sum").clamp(min=1)
-        self.object_center.mul_(momentum).add_(object_total / object_count, alpha=1 - momentum)
+        self.center.mul_(momentum).add_(sums[None, :width] / count, alpha=1 - momentum)
+        object_count = sums[-1].clamp(min=1)
+        self.object_center.mul_(momentum).add_(sums[None, width:-1] / object_count, alpha=1 - momentum)
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Projection heads: MLP projector/expander, DINO-style head, and a per-cell local projector."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -110,13 +111,16 @@ class NormalizedLinear(nn.Module):
     """Bias-free linear layer with weight normalisation: ``W = g * v / ||v||`` per output row.
 
     The names ``weight_g`` / ``weight_v`` follow the official DINO-family checkpoints. ``g`` starts at 1;
-    with ``norm_last_layer=True`` it is frozen at 1 (the layer is then a cosine classifier).
+    with ``norm_last_layer=True`` it is frozen at 1 (the layer is then a cosine classifier). ``v`` starts
+    as an ``nn.Linear`` weight (kaiming-uniform with ``a = sqrt(5)``, i.e. uniform in
+    ``+-1/sqrt(in_dim)``, row norm ``1/sqrt(3) = 0.577``): the official DINO/CrIBo heads wrap an
+    ``nn.Linear`` created after their trunc-normal init ran, so its default init is what they train from.
     """
 
     def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = True) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .backbones import Backbone, Features
-from .base import SSLModule, upcast
+from .base import SSLModule
 from .functional import vicregl_loss
 from .heads import MLP, LocalProjector
 from .mixins import all_cell_locations, encode_views, match_cells
@@ -141,7 +141,7 @@ class VICRegL(SSLModule):
                 )
 
     # ---------------------------------------------------------------------------------------- step
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
         self._check_batch(views)
         feats = encode_views(self.forward, views.crops, per_view=not self.concat_views)
         self._check_grids(feats, views)
@@ -152,20 +152,18 @@ class VICRegL(SSLModule):
             locations = all_cell_locations(views, [f.grid for f in feats], self.hparams.flip_aware_locations)
         out = self.criterion(embeddings, maps, locations)
         self.log_terms(out)
-        return out["loss"]
+        return {"loss": out["loss"], "embedding": feats[0].global_.detach()}
 
     def criterion(self, embeddings: list[Tensor] | None, maps: list[Tensor] | None,
                   locations: list[Tensor] | None) -> dict[str, Tensor]:
-        """The VICRegL loss in float32, on the global batch (gathered with gradients across processes)."""
+        """The VICRegL loss on the global batch (gathered with gradients across processes)."""
         hp = self.hparams
-        as_float = (lambda xs: None if xs is None else [upcast(x) for x in xs])
-        with torch.autocast(self.device.type, enabled=False):
-            return vicregl_loss(
-                as_float(embeddings), as_float(maps), as_float(locations), alpha=hp.alpha,
-                num_matches=tuple(hp.num_matches), filter_feature_matches=hp.filter_feature_matches,
-                inv_coeff=hp.inv_coeff, var_coeff=hp.var_coeff, cov_coeff=hp.cov_coeff, eps=hp.eps,
-                gather=distributed.all_gather_with_grad,
-            )
+        return vicregl_loss(
+            embeddings, maps, locations, alpha=hp.alpha,
+            num_matches=tuple(hp.num_matches), filter_feature_matches=hp.filter_feature_matches,
+            inv_coeff=hp.inv_coeff, var_coeff=hp.var_coeff, cov_coeff=hp.cov_coeff, eps=hp.eps,
+            gather=distributed.all_gather_with_grad,
+        )
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "bam_positive_mask",
     "balanced_attention",
@@ -35,11 +37,6 @@ backward must sum the incoming gradients over processes."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: half precision cannot carry logits such as ``similarity / 0.05``."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _check_mask(positive_mask: Tensor | None, similarity: Tensor) -> None:
     if positive_mask is None:
         return
@@ -105,6 +102,7 @@ def _gather_target_columns(local_columns: Tensor, num_target_crops: int, gather:
 
 
 # ---------------------------------------------------------------------------------------------- public
+@full_precision
 def bam_positive_mask(
     batch_size: int,
     num_crops: int,
@@ -140,6 +138,7 @@ def bam_positive_mask(
 
 
 @torch.no_grad()
+@full_precision
 def balanced_attention(
     similarity: Tensor,
     temperature: float = 0.05,
@@ -174,7 +173,7 @@ def balanced_attention(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if num_iters < 0:
         raise ValueError(f"num_iters must be >= 0, got {num_iters}")
-    log_kernel = similarity.detach().to(_compute_dtype(similarity.dtype)) / temperature  # a fresh tensor
+    log_kernel = similarity.detach() / temperature  # a fresh tensor (at least float32: @full_precision)
     if positive_mask is not None:
         log_kernel = log_kernel.masked_fill(positive_mask, float("-inf"))
     if num_iters > 0:  # the first column step, the only place where exp(similarity / temperature) can underflow
@@ -189,6 +188,7 @@ def balanced_attention(
 
 
 @torch.no_grad()
+@full_precision
 def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
     """Keep, per image, the ``k`` target columns of largest mass averaged over its global crops.
 
@@ -212,6 +212,7 @@ def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
     return (kept / kept.sum(dim=-1, keepdim=True)).reshape(rows, columns)
 
 
+@full_precision
 def attention_matching_loss(
     similarity: Tensor,
     targets: Tensor,
@@ -243,8 +244,8 @@ def attention_matching_loss(
         )
     _check_mask(positive_mask, similarity)
     images, crops = _images_and_crops(similarity.shape[0], targets.shape[0], num_global_crops)
-    dtype = _compute_dtype(similarity.dtype)
-    logits = similarity.to(dtype) / temperature
+    dtype = similarity.dtype  # at least float32 (@full_precision): half cannot carry similarity / 0.05
+    logits = similarity / temperature
     if positive_mask is not None:  # the finite minimum after the division: exp gives 0, no -inf around
         logits = logits.masked_fill(positive_mask, torch.finfo(dtype).min)
     log_attention = torch.log_softmax(logits, dim=1)
@@ -259,6 +260,7 @@ def attention_matching_loss(
     return {"loss": loss, "attention": attention}
 
 
+@full_precision
 def bam_loss(
     student: Sequence[Tensor],
     teacher: Sequence[Tensor] | None = None,
@@ -334,7 +336,7 @@ def bam_loss(
             "lower top_k or use a larger batch"
         )
 
-    dtype = _compute_dtype(student[0].dtype)
+    dtype = student[0].dtype
     rows = F.normalize(torch.cat(list(student)).to(dtype), dim=-1)
     if teacher is None:
         target_rows = rows

@@ -11,7 +11,6 @@ the same result on the valid rows.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -19,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "joint_space_clustering",
     "object_representations",
     "cycle_consistent_neighbours",
+    "cycle_mask",
     "memory_bank_enqueue",
     "memory_bank_enqueue_padded",
     "cribo_global_loss",
@@ -43,13 +45,6 @@ def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for other in dtypes:
         dtype = torch.promote_types(dtype, other)
     return dtype
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable autocast: under AMP, matmuls would otherwise run in fp16/bf16 despite float32 inputs."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _is_integer(t: Tensor) -> bool:
@@ -91,7 +86,7 @@ def _values_checkable(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------- clustering
 def _check_clustering_inputs(
     dense: Sequence[Tensor], positions: Sequence[Tensor], init_indices: Tensor, num_iterations: int,
-    sinkhorn_iterations: int,
+    sinkhorn_iterations: int, groups: int,
 ) -> None:
     d1, _ = _two_views(dense, "dense", "(B, N, D) teacher patch tokens", 3)
     p1, _ = _two_views(positions, "positions", "(B, N, 2) patch centres", 3)
@@ -124,6 +119,8 @@ def _check_clustering_inputs(
         raise ValueError(
             f"num_iterations must be >= 1 and sinkhorn_iterations >= 0, got {num_iterations} and {sinkhorn_iterations}"
         )
+    if groups < 1 or batch % groups:
+        raise ValueError(f"groups ({groups}) must be a positive divisor of the batch ({batch})")
 
 
 def _member_distances(positions: Tensor) -> Tensor:
@@ -190,6 +187,7 @@ def _initial_labels(init_indices: Tensor, tokens: int, num_clusters: int) -> Ten
     return labels.scatter(1, init_indices, clusters)
 
 
+@full_precision
 def joint_space_clustering(
     dense: Sequence[Tensor], positions: Sequence[Tensor], init_indices: Tensor, pos_weight: float = 1.0,
     num_iterations: int = 5, sinkhorn_iterations: int = 5, sinkhorn_lambda: float = 20.0,
@@ -215,14 +213,12 @@ def joint_space_clustering(
     inputs stay float64). Memory: ``O(B T^2)`` for the distance matrix (T = 2N), ``O(B T K)`` for the
     cost and plan, ``O(B T D)`` for the tokens; time ``O(num_iterations * B T (T + K D))``.
     """
-    _check_clustering_inputs(dense, positions, init_indices, num_iterations, sinkhorn_iterations)
+    _check_clustering_inputs(dense, positions, init_indices, num_iterations, sinkhorn_iterations, groups)
     batch, tokens, _ = dense[0].shape
-    if groups < 1 or batch % groups:
-        raise ValueError(f"groups ({groups}) must be a positive divisor of the batch ({batch})")
     num_clusters = init_indices.shape[1]
     dtype = _work_dtype(dense[0].dtype, positions[0].dtype)
     init_indices = init_indices.long()
-    with torch.no_grad(), _no_autocast(dense[0].device):
+    with torch.no_grad():
         z = F.normalize(torch.cat([dense[0], dense[1]], dim=1).to(dtype), dim=-1)  # (B, T, D)
         member_dist = _member_distances(torch.cat([positions[0], positions[1]], dim=1).to(dtype))
         labels = _initial_labels(init_indices, 2 * tokens, num_clusters)
@@ -243,6 +239,19 @@ def joint_space_clustering(
 
 
 # ------------------------------------------------------------------------------------------- objects
+def _check_pooling_inputs(dense: Sequence[Tensor], labels: Tensor, num_clusters: int) -> None:
+    first, _ = _two_views(dense, "dense", "(B, N, D) patch tokens", 3)
+    batch, tokens, _ = first.shape
+    if _shape(labels) != (2, batch, tokens) or not _is_integer(labels):
+        raise ValueError(
+            f"labels must be an integer tensor (2, B, N) = (2, {batch}, {tokens}) from joint_space_clustering, "
+            f"got {labels.dtype} {_shape(labels)}"
+        )
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be a positive int (K, init_indices.shape[1]), got {num_clusters!r}")
+
+
+@full_precision
 def object_representations(dense: Sequence[Tensor], labels: Tensor, num_clusters: int) -> dict[str, Tensor]:
     """Mean token of every (view, image, cluster) and the clusters present in both views (README §2).
 
@@ -256,16 +265,8 @@ def object_representations(dense: Sequence[Tensor], labels: Tensor, num_clusters
         ``valid`` needs a token in both views. Differentiable w.r.t. ``dense``; the padded layout (with
         ``valid.flatten()`` as the row mask) is what the shape-static variants of the other functions take.
     """
-    first, _ = _two_views(dense, "dense", "(B, N, D) patch tokens", 3)
-    batch, tokens, _ = first.shape
-    if _shape(labels) != (2, batch, tokens) or not _is_integer(labels):
-        raise ValueError(
-            f"labels must be an integer tensor (2, B, N) = (2, {batch}, {tokens}) from joint_space_clustering, "
-            f"got {labels.dtype} {_shape(labels)}"
-        )
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-        raise ValueError(f"num_clusters must be a positive int (K, init_indices.shape[1]), got {num_clusters!r}")
-    members = _one_hot(labels.detach(), num_clusters, first.dtype)  # (2, B, N, K)
+    _check_pooling_inputs(dense, labels, num_clusters)
+    members = _one_hot(labels.detach(), num_clusters, dense[0].dtype)  # (2, B, N, K)
     sizes = members.sum(dim=2, keepdim=True)  # (2, B, 1, K)
     weights = members / sizes.clamp_min(1)  # l1-normalised columns of the hard assignment
     objects = torch.stack([weights[v].transpose(1, 2) @ dense[v] for v in range(2)])
@@ -323,6 +324,7 @@ def _default_chunk_size(num_queries: int, num_rows: int) -> int:
     return max(1, min(num_rows, _SEARCH_CHUNK_ELEMENTS // max(2 * num_queries, 1)))
 
 
+@full_precision
 def cycle_consistent_neighbours(
     queries: Tensor, bank: Tensor, normalize_bank: bool = True, *, query_valid: Tensor | None = None,
     bank_valid: Tensor | None = None, query_groups: Tensor | None = None, chunk_size: int | None = None,
@@ -351,24 +353,40 @@ def cycle_consistent_neighbours(
     if chunk_size is None:
         chunk_size = _default_chunk_size(num_queries, num_rows)
     dtype = _work_dtype(queries.dtype, bank.dtype)
-    with torch.no_grad(), _no_autocast(queries.device):
+    with torch.no_grad():
         q = F.normalize(queries.to(dtype), dim=-1)
         indices = _nearest_bank_rows(q, bank, normalize_bank, bank_valid, chunk_size)
         neighbours = torch.stack([bank[v].index_select(0, indices[v]) for v in range(2)])
         # jump to the other view of the retrieved object, then search back among the batch's objects
         jumped = torch.stack([bank[1 - v].index_select(0, indices[v]) for v in range(2)])
-        back = _keys(jumped, dtype, normalize_bank) @ q.flip(0).transpose(1, 2)  # (2, M, M)
-        if query_valid is not None:
-            back = back.masked_fill(~query_valid, -math.inf)
-        if query_groups is not None:
-            back = back.masked_fill(query_groups[:, None] != query_groups[None, :], -math.inf)
-        own_row = torch.arange(num_queries, device=queries.device)
-        mask = back.argmax(dim=-1) == own_row if num_queries else own_row.new_zeros((2, 0), dtype=torch.bool)
-        if query_valid is not None:
-            mask = mask & query_valid
+        mask = cycle_mask(_keys(jumped, dtype, normalize_bank), q, query_valid, query_groups)
         if bank_valid is not None:
             mask = mask & bank_valid.any()
     return {"indices": indices, "neighbours": neighbours, "mask": mask}
+
+
+@full_precision
+def cycle_mask(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None = None,
+               query_groups: Tensor | None = None) -> Tensor:
+    """The cycle test of README §3 from the retrieved objects' other-view keys.
+
+    ``jumped_keys[v, m]``: the search key (normalised or raw, as the bank is searched) of the other view of
+    the bank object retrieved for query ``(v, m)``; ``queries``: the l2-normalised queries ``(2, M, D)``.
+    ``mask[v, m]`` is True iff the back search of ``jumped_keys[v, m]`` among the valid queries of view
+    ``1 - v`` in the same group lands on row ``m``. Shared by the functional reference and the in-place
+    :class:`~ssl_modules.memory_bank.ObjectMemoryBank`.
+    """
+    num_queries = queries.shape[1]
+    back = jumped_keys @ queries.flip(0).transpose(1, 2)  # (2, M, M)
+    if query_valid is not None:
+        back = back.masked_fill(~query_valid, -math.inf)
+    if query_groups is not None:
+        back = back.masked_fill(query_groups[:, None] != query_groups[None, :], -math.inf)
+    own_row = torch.arange(num_queries, device=queries.device)
+    mask = back.argmax(dim=-1) == own_row if num_queries else own_row.new_zeros((2, 0), dtype=torch.bool)
+    if query_valid is not None:
+        mask = mask & query_valid
+    return mask
 
 
 # -------------------------------------------------------------------------------------- memory bank
@@ -378,6 +396,30 @@ def _check_bank(bank: Tensor, counts: Tensor, dim: int) -> None:
     if counts.dim() != 1 or counts.shape[0] == 0 or not _is_integer(counts):
         raise ValueError(f"counts must be a non-empty integer tensor (S,) of objects per image slot, got "
                          f"{counts.dtype} {_shape(counts)}")
+
+
+def _check_enqueue_inputs(bank: Tensor, counts: Tensor, objects: Tensor, objects_per_image: Tensor) -> None:
+    if objects.dim() != 3 or objects.shape[0] != 2:
+        raise ValueError(f"objects must be (2, M, D): the batch's valid teacher objects, got {_shape(objects)}")
+    _check_bank(bank, counts, objects.shape[2])
+    if objects_per_image.dim() != 1 or not _is_integer(objects_per_image):
+        raise ValueError(
+            f"objects_per_image must be an integer tensor (B,) (valid objects per image, summing to M), got "
+            f"{objects_per_image.dtype} {_shape(objects_per_image)}"
+        )
+
+
+def _check_padded_enqueue_inputs(bank: Tensor, counts: Tensor, objects: Tensor, valid: Tensor) -> None:
+    if objects.dim() != 4 or objects.shape[0] != 2:
+        raise ValueError(f"objects must be (2, B, K, D): teacher objects padded per image, got {_shape(objects)}")
+    _, batch, clusters, dim = objects.shape
+    _check_mask(valid, (batch, clusters), "valid", "clusters present in both views")
+    _check_bank(bank, counts, dim)
+    if bank.shape[1] < clusters * counts.shape[0]:
+        raise ValueError(
+            f"the bank holds C={bank.shape[1]} rows but S={counts.shape[0]} image slots of up to K={clusters} "
+            f"objects need K * S = {clusters * counts.shape[0]}: allocate (2, K * S, D) rows"
+        )
 
 
 def memory_bank_enqueue(bank: Tensor, counts: Tensor, objects: Tensor, objects_per_image: Tensor) -> dict[str, Tensor]:
@@ -395,14 +437,7 @@ def memory_bank_enqueue(bank: Tensor, counts: Tensor, objects: Tensor, objects_p
         their previous (stale) content. No gradient, no host sync (row moves by one gather with a
         data-dependent index); ``O(C D)`` memory for the new bank.
     """
-    if objects.dim() != 3 or objects.shape[0] != 2:
-        raise ValueError(f"objects must be (2, M, D): the batch's valid teacher objects, got {_shape(objects)}")
-    _check_bank(bank, counts, objects.shape[2])
-    if objects_per_image.dim() != 1 or not _is_integer(objects_per_image):
-        raise ValueError(
-            f"objects_per_image must be an integer tensor (B,) (valid objects per image, summing to M), got "
-            f"{objects_per_image.dtype} {_shape(objects_per_image)}"
-        )
+    _check_enqueue_inputs(bank, counts, objects, objects_per_image)
     slots, capacity = counts.shape[0], bank.shape[1]
     new_images = min(objects_per_image.shape[0], slots)
     with torch.no_grad():
@@ -432,16 +467,8 @@ def memory_bank_enqueue_padded(bank: Tensor, counts: Tensor, objects: Tensor, va
     Returns exactly ``memory_bank_enqueue(bank, counts, objects[:, valid], valid.sum(1))``: the valid rows
     are compacted to the front, image-major, by a stable argsort of the mask.
     """
-    if objects.dim() != 4 or objects.shape[0] != 2:
-        raise ValueError(f"objects must be (2, B, K, D): teacher objects padded per image, got {_shape(objects)}")
+    _check_padded_enqueue_inputs(bank, counts, objects, valid)
     _, batch, clusters, dim = objects.shape
-    _check_mask(valid, (batch, clusters), "valid", "clusters present in both views")
-    _check_bank(bank, counts, dim)
-    if bank.shape[1] < clusters * counts.shape[0]:
-        raise ValueError(
-            f"the bank holds C={bank.shape[1]} rows but S={counts.shape[0]} image slots of up to K={clusters} "
-            f"objects need K * S = {clusters * counts.shape[0]}: allocate (2, K * S, D) rows"
-        )
     flat_valid = valid.reshape(-1)
     order = torch.argsort((~flat_valid).to(torch.int32), stable=True)  # valid rows first, order kept
     compact = objects.reshape(2, batch * clusters, dim).index_select(1, order)
@@ -475,6 +502,27 @@ def _check_object_pair(tensors: Sequence[Tensor], name: str, like: tuple[int, ..
     return first.shape[0], first.shape[1]
 
 
+def _check_global_loss_inputs(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor) -> None:
+    t1, _ = _two_views(teacher, "teacher", "(B, L) global-head logits", 2)
+    if isinstance(student, Tensor) or len(student) < 2 or any(s.shape != t1.shape for s in student):
+        raise ValueError(
+            f"student must be a list of V >= 2 tensors shaped like the teacher views {_shape(t1)} (two global "
+            f"views first, then local views), got {[_shape(s) for s in student]}"
+        )
+    _check_center(center, t1.shape[1], "center")
+
+
+def _check_object_loss_inputs(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor,
+                              valid: Tensor | None, mask: Tensor | None = None, teacher_name: str = "teacher") -> None:
+    rows, width = _check_object_pair(student, "student")
+    _check_object_pair(teacher, teacher_name, (rows, width))
+    _check_center(center, width, "center")
+    if mask is not None:
+        _check_mask(mask, (2, rows), "mask", "the cycle-consistency mask")
+    _check_mask(valid, (rows,), "valid", "which object rows are real")
+
+
+@full_precision
 def cribo_global_loss(
     student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, teacher_temp: float,
     student_temp: float = 0.1,
@@ -489,13 +537,7 @@ def cribo_global_loss(
     ``H(softmax((teacher[t] - center) / teacher_temp), student[v] / student_temp)``, in the inputs' dtype
     (computed in at least float32).
     """
-    t1, _ = _two_views(teacher, "teacher", "(B, L) global-head logits", 2)
-    if isinstance(student, Tensor) or len(student) < 2 or any(s.shape != t1.shape for s in student):
-        raise ValueError(
-            f"student must be a list of V >= 2 tensors shaped like the teacher views {_shape(t1)} (two global "
-            f"views first, then local views), got {[_shape(s) for s in student]}"
-        )
-    _check_center(center, t1.shape[1], "center")
+    _check_global_loss_inputs(student, teacher, center)
     dtype = _work_dtype(student[0].dtype)
     targets = [_teacher_targets(t, center, teacher_temp, dtype) for t in teacher]
     terms = [
@@ -507,6 +549,7 @@ def cribo_global_loss(
     return (sum(terms) / len(terms)).to(student[0].dtype)
 
 
+@full_precision
 def cribo_object_loss(
     student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, teacher_temp: float,
     student_temp: float = 0.1, *, valid: Tensor | None = None,
@@ -522,10 +565,7 @@ def cribo_object_loss(
     Returns ``(mean_m H(q_1, s_2) + mean_m H(q_2, s_1)) / 2``. With no (valid) object, M = 0, the loss is a
     0 still attached to the student's graph (the official code would produce NaN and stop).
     """
-    rows, width = _check_object_pair(student, "student")
-    _check_object_pair(teacher, "teacher", (rows, width))
-    _check_center(center, width, "center")
-    _check_mask(valid, (rows,), "valid", "which object rows are real")
+    _check_object_loss_inputs(student, teacher, center, valid)
     dtype = _work_dtype(student[0].dtype)
     q1, q2 = (_teacher_targets(t, center, teacher_temp, dtype) for t in teacher)
     loss_1to2 = _masked_mean(_cross_entropy(q1, student[1], student_temp, dtype), valid)
@@ -533,6 +573,7 @@ def cribo_object_loss(
     return ((loss_1to2 + loss_2to1) / 2).to(student[0].dtype)
 
 
+@full_precision
 def cribo_cross_image_loss(
     student: Sequence[Tensor], neighbours: Sequence[Tensor], mask: Tensor, center: Tensor, teacher_temp: float,
     student_temp: float = 0.1, *, valid: Tensor | None = None,
@@ -551,11 +592,9 @@ def cribo_cross_image_loss(
     (official: the view-1 count normalises both terms); when ``Z1 = 0`` it is 0, still attached to the
     student's graph (zero gradient), whatever ``mask[1]`` holds. No branch on tensor values.
     """
-    rows, width = _check_object_pair(student, "student")
-    _check_object_pair(neighbours, "neighbours", (rows, width))
-    _check_center(center, width, "center")
-    _check_mask(mask, (2, rows), "mask", "the cycle-consistency mask")
-    _check_mask(valid, (rows,), "valid", "which object rows are real")
+    if mask is None:
+        raise ValueError("mask must be the (2, M) bool cycle-consistency mask, got None")
+    _check_object_loss_inputs(student, neighbours, center, valid, mask, teacher_name="neighbours")
     if valid is not None:
         mask = mask & valid
     dtype = _work_dtype(student[0].dtype)
@@ -568,6 +607,7 @@ def cribo_cross_image_loss(
     return torch.where(accepted > 0, loss, torch.zeros_like(loss)).to(student[0].dtype)
 
 
+@full_precision
 def cribo_loss(
     student_global: Sequence[Tensor], teacher_global: Sequence[Tensor], student_objects: Sequence[Tensor],
     teacher_objects: Sequence[Tensor], neighbour_objects: Sequence[Tensor], cycle_mask: Tensor, center: Tensor,

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import full_precision
+
 __all__ = [
     "vicreg_loss",
     "vicregl_global_loss",
@@ -94,6 +96,13 @@ def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"loss": terms["invariance"] + terms["variance"] + terms["covariance"], **terms}
 
 
+def _check_vicreg_inputs(z_a: Tensor, z_b: Tensor) -> None:
+    _check_embedding_batch(z_a, "z_a")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+
+
+@full_precision
 def vicreg_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -115,9 +124,7 @@ def vicreg_loss(
         ``loss`` is their sum). Variance and covariance are batch statistics of every slot on its own,
         averaged over the slots; the two branches are averaged.
     """
-    _check_embedding_batch(z_a, "z_a")
-    if z_a.shape != z_b.shape:
-        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    _check_vicreg_inputs(z_a, z_b)
     return _with_total(_vicreg_terms(z_a, z_b, inv_coeff, var_coeff, cov_coeff, eps))
 
 
@@ -139,6 +146,15 @@ def _anchor_pairs(num_views: int) -> list[tuple[int, int]]:
     return [(i, j) for i in (0, 1) for j in range(num_views) if j != i]
 
 
+def _check_global_inputs(embeddings: Sequence[Tensor]) -> None:
+    _check_view_list(embeddings, "embeddings", ndim=2)
+    shapes = {tuple(e.shape) for e in embeddings}
+    if len(shapes) != 1:
+        raise ValueError(f"all embeddings must have the same shape (B, D), got {sorted(shapes)}")
+    _check_embedding_batch(embeddings[0], "embeddings")
+
+
+@full_precision
 def vicregl_global_loss(
     embeddings: Sequence[Tensor],
     inv_coeff: float = 25.0,
@@ -160,11 +176,7 @@ def vicregl_global_loss(
         ordered (large view, other view) pairs; variance and covariance are computed for every view on its
         own and averaged over the views. With two views this is ``vicreg_loss(embeddings[0], embeddings[1])``.
     """
-    _check_view_list(embeddings, "embeddings", ndim=2)
-    shapes = {tuple(e.shape) for e in embeddings}
-    if len(shapes) != 1:
-        raise ValueError(f"all embeddings must have the same shape (B, D), got {sorted(shapes)}")
-    _check_embedding_batch(embeddings[0], "embeddings")
+    _check_global_inputs(embeddings)
     views = (gather or _identity)(torch.stack(list(embeddings), dim=1))  # (B, V, D): views act as slots
     pairs = _anchor_pairs(views.shape[1])
     invariance = torch.stack([F.mse_loss(views[:, i], views[:, j]) for i, j in pairs]).mean()
@@ -185,6 +197,20 @@ def _grid_shape(grid_size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _check_location_inputs(boxes: Tensor, grid_size: int | Sequence[int], flipped: Tensor | None) -> tuple[int, int]:
+    """Validate and return the grid ``(h, w)``."""
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must be (..., 4) = (y0, x0, y1, x1), got shape {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"boxes must be a floating tensor, got {boxes.dtype}; convert with boxes.float()")
+    if flipped is not None and flipped.shape != boxes.shape[:-1]:
+        raise ValueError(
+            f"flipped must have shape boxes.shape[:-1] = {tuple(boxes.shape[:-1])}, got {tuple(flipped.shape)}"
+        )
+    return _grid_shape(grid_size)
+
+
+@full_precision
 def feature_cell_locations(
     boxes: Tensor, grid_size: int | tuple[int, int], flipped: Tensor | None = None
 ) -> Tensor:
@@ -202,15 +228,7 @@ def feature_cell_locations(
         ``boxes``: the centre of tile ``(r, c')`` of the box cut into ``h x w`` equal tiles, ``c' = w - 1 - c``
         for a flipped crop.
     """
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes must be (..., 4) = (y0, x0, y1, x1), got shape {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise ValueError(f"boxes must be a floating tensor, got {boxes.dtype}; convert with boxes.float()")
-    if flipped is not None and flipped.shape != boxes.shape[:-1]:
-        raise ValueError(
-            f"flipped must have shape boxes.shape[:-1] = {tuple(boxes.shape[:-1])}, got {tuple(flipped.shape)}"
-        )
-    h, w = _grid_shape(grid_size)
+    h, w = _check_location_inputs(boxes, grid_size, flipped)
     y0, x0, y1, x1 = (coord[..., None] for coord in boxes.unbind(-1))
     rows = torch.arange(h, dtype=boxes.dtype, device=boxes.device) + 0.5
     cols = torch.arange(w, dtype=boxes.dtype, device=boxes.device) + 0.5
@@ -271,6 +289,7 @@ def _select_matches(distances: Tensor, keep: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
+@full_precision
 def match_by_location(
     query_locations: Tensor, candidate_locations: Tensor, num_matches: int | None = None
 ) -> dict[str, Tensor]:
@@ -292,6 +311,7 @@ def match_by_location(
 
 
 @torch.no_grad()
+@full_precision
 def match_by_features(query: Tensor, candidate: Tensor, num_matches: int | None = None) -> dict[str, Tensor]:
     """Match every query cell to the candidate cell nearest in embedding space and keep the closest pairs.
 
@@ -437,6 +457,7 @@ def _check_local_inputs(
         _resolve_num_matches(num_matches[1], maps[b].shape[1], f" for num_matches[1] (view {b} querying view {a})")
 
 
+@full_precision
 def vicregl_local_loss(
     maps_a: Tensor,
     maps_b: Tensor,
@@ -474,6 +495,7 @@ def vicregl_local_loss(
 
 
 # ======================================================================================= full loss
+@full_precision
 def vicregl_loss(
     embeddings: Sequence[Tensor] | None,
     maps: Sequence[Tensor] | None,

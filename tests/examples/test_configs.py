@@ -134,7 +134,7 @@ def test_paper_config_builds_its_model_data_and_callbacks(path, monkeypatch):
     assert all(p.is_meta for p in model.parameters())
     if isinstance(model, CrIBo):  # the memory bank at its released size
         hp = model.hparams
-        assert tuple(model.bank.shape) == (2, hp.num_clusters * hp.queue_size, model.backbone.num_features)
+        assert tuple(model.memory_bank.keys.shape) == (2, hp.num_clusters * hp.queue_size, model.backbone.num_features)
         assert model.head.last_layer_c.weight_v.shape == (hp.object_out_dim, hp.head_bottleneck_dim)
         assert model.head.last_layer_c.weight_g.requires_grad == (not hp.norm_last_layer)
     # BatchNorm anywhere in the model <-> the config synchronises it across GPUs.

@@ -38,7 +38,7 @@ def test_published_vit_recipe_defaults():
 def test_loss_equals_the_functional_core_on_the_projected_crops():
     module = tiny_bam(teacher=False, top_k=0)
     views = random_views(4, [32, 32, 16])
-    loss = module.training_step(views, 0)
+    loss = module.training_step(views, 0)["loss"]
     student = module.project(module.backbone, module.projector, views.crops)
     torch.testing.assert_close(loss, bam_loss(student)["loss"])
 
@@ -90,7 +90,7 @@ def _bam_rank(rank, world_size, full_views, teacher, seed):
         with torch.no_grad():
             for p in module.teacher.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    loss = module.training_step(views, 0)
+    loss = module.training_step(views, 0)["loss"]
     loss.backward()
     mean_loss = distributed.all_reduce(loss.detach(), "sum") / world_size
     grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}

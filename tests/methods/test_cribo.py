@@ -47,11 +47,12 @@ def test_bank_is_filled_from_the_front_and_saved_in_the_checkpoint(tmp_path):
     module = tiny_cribo(warmup_epochs=0.0)
     trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1))
     trainer.fit(module, loader(random_views(8, [32, 32]), 2))
-    counts = module.bank_counts
+    counts = module.memory_bank.logical()["counts"]
     assert counts[:16].le(4).all() and counts[16:].eq(4).all()
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     state = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"]
-    assert torch.equal(state["bank_counts"], counts) and torch.equal(state["bank"], module.bank)
+    for name, buffer in module.memory_bank.named_buffers():
+        assert torch.equal(state[f"memory_bank.{name}"], buffer), name
 
 
 class LossRecorder(Callback):
@@ -75,7 +76,7 @@ def test_first_epoch_has_no_cross_image_loss_and_frozen_prototypes():
 
 
 def test_one_image_per_process_works():
-    loss = tiny_cribo().training_step(random_views(1, [32, 32]), 0)
+    loss = tiny_cribo().training_step(random_views(1, [32, 32]), 0)["loss"]
     assert torch.isfinite(loss)
 
 
@@ -108,12 +109,13 @@ def _cribo_rank(rank, world_size, full_views, group):
     logged = {}
     module.log_terms = lambda terms, **kwargs: logged.update(terms)
     module.training_step(views, 0)  # fills the bank with this batch's objects: the next step closes cycles
-    loss = module.training_step(views, 1)
+    loss = module.training_step(views, 1)["loss"]
     loss.backward()
     assert logged["cross_image_loss"] > 0 and logged["cycle_consistent_ratio"] > 0.5
     mean_loss = distributed.all_reduce(loss.detach(), "sum") / world_size
     grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}
-    return mean_loss, grads, module.bank.clone(), module.bank_counts.clone(), module.center.clone(), module.object_center.clone()
+    bank = module.memory_bank.logical()
+    return mean_loss, grads, bank["bank"], bank["counts"], module.center.clone(), module.object_center.clone()
 
 
 def test_two_processes_equal_one_process_with_local_groups():

@@ -41,7 +41,7 @@ def test_alpha_one_builds_no_local_projector_and_is_vicreg():
     module = tiny_convnext(alpha=1.0)
     assert module.projector is None
     views = random_views(4, [64, 64])
-    loss = module.training_step(views, 0)
+    loss = module.training_step(views, 0)["loss"]
     feats = [module(c) for c in views.crops]
     from ssl_modules.functional import vicreg_loss
     expected = vicreg_loss(module.expander(feats[0].global_), module.expander(feats[1].global_))["loss"]
@@ -126,7 +126,7 @@ def _vicregl_rank(rank, world_size, full_views, seed):
     views = full_views._replace(crops=[c[part] for c in full_views.crops], boxes=full_views.boxes[part],
                                 flipped=full_views.flipped[part], image_size=full_views.image_size[part],
                                 label=full_views.label[part], index=full_views.index[part])
-    loss = module.training_step(views, 0)
+    loss = module.training_step(views, 0)["loss"]
     loss.backward()
     grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}
     return loss.detach(), grads
