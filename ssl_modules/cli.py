@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["SSLCLI", "main", "export_checkpoint", "export_from_checkpoint", "probe_report", "did_you_mean"]
+__all__ = ["SSLCLI", "main", "export_checkpoint", "export_from_checkpoint", "probe_report", "did_you_mean", "run_cli",
+           "CommandLineError"]
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -115,11 +116,12 @@ def _cli_class() -> type[LightningCLI]:
         exported: Path | None = None
 
         def before_fit(self) -> None:
-            self._check_ckpt_path()
             self._fit_started = time.perf_counter()
 
-        def before_validate(self) -> None:
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyper-parameters here, right after parsing: check it first.
             self._check_ckpt_path()
+            super()._parse_ckpt_path()
 
         def _check_ckpt_path(self) -> None:
             """A given ``--ckpt_path`` must be a readable checkpoint before the run folder is created."""
@@ -304,6 +306,7 @@ def _evaluate_main(argv: list[str]) -> int:
             print("error: evaluate needs ssl_modules.evaluation, which this installation lacks", file=sys.stderr)
             return 1
         raise
+    return 1 if getattr(cli, "failures", None) else 0
     return int(evaluation.main(argv) or 0)
 
 
@@ -362,7 +365,15 @@ def _short_argument_error(error: Exception, subcommand: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- main
-def _run_lightning(argv: list[str]) -> int:
+class CommandLineError(ValueError):
+    """A bad command line (unknown option, wrong type, ...), already shortened for the user."""
+
+
+def run_cli(argv: list[str]) -> LightningCLI:
+    """Run a Lightning subcommand (``fit``, ``validate``, ...) and return the ``SSLCLI`` (for tests and scripts).
+
+    Raises :class:`CommandLineError` for a bad command line; ``main`` turns it into exit code 2.
+    """
     import torch
     from jsonargparse import ArgumentError
     from lightning.pytorch import LightningDataModule
@@ -378,13 +389,11 @@ def _run_lightning(argv: list[str]) -> int:
     subcommand = argv[0] if argv else "fit"
     try:
         with _as_argv(argv):
-            cli = _cli_class()(SSLModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                               parser_kwargs={"exit_on_error": False})
+            return _cli_class()(SSLModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                                parser_kwargs={"exit_on_error": False})
     except ArgumentError as error:
-        print(_short_argument_error(error, subcommand), file=sys.stderr)
-        return 2
-    return 1 if getattr(cli, "failures", None) else 0
+        raise CommandLineError(_short_argument_error(error, subcommand)) from None
 
 
 def main(args: list[str] | None = None) -> int:
@@ -405,7 +414,10 @@ def main(args: list[str] | None = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             print(f"error: unknown command {argv[0]!r}{hint}\n\n{HELP}", file=sys.stderr)
             return 2
-        return _run_lightning(argv)
+        cli = run_cli(argv)
+    except CommandLineError as error:
+        print(error, file=sys.stderr)
+        return 2
     except CheckpointFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -416,3 +428,4 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
+    return 1 if getattr(cli, "failures", None) else 0

@@ -49,13 +49,16 @@ def tiny_config(tmp_path: Path, method: str, *, steps: int = 8, callbacks: list 
     return path
 
 
-def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], timeout: float = 600, extra_path: Path | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``sys.exit(main(args))`` in a fresh interpreter with this checkout first on the path."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    env.pop("PYTHONWARNINGS", None)
+    paths = [str(REPO), str(Path(__file__).parent), str(extra_path) if extra_path else None]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     code = "import sys; from ssl_modules.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+                          env=env, cwd=cwd)
 
 
 def checkpoints_by_step(folder: Path) -> list[Path]:
