@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,11 @@ from .optim import OPTIMIZERS, build_optimizer, parameter_groups
 from .schedules import StepSchedule
 
 __all__ = ["SSLModule"]
+
+# The module normalises uint8 crops in its own on_after_batch_transfer by design (interface of the DataModules):
+# Lightning's note that it uses the module's hook and not the DataModule's says nothing a user must act on.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but "
+                        r"have passed in a `LightningDataModule`")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
