@@ -70,3 +70,23 @@ def checkpoints_by_step(folder: Path) -> list[Path]:
 def all_finite(checkpoint: Path) -> bool:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class FailedPart(Callback):
+    """An optional part that failed during the run (interface: a ``failures`` list of messages)."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.failures = ["FailedPart: ValueError: mask of image 3 is 20x20, image is 32x32"]
+
+
+class ScoredProbe(Callback):
+    """A probe's results as the summary reads them: ``last_metrics``, ``metric_name``, ``last_floors``."""
+
+    last_metrics = {"top1": 0.625}
+    last_floors = {"top1": 0.1}
+
+    def metric_name(self, metric: str) -> str:
+        return f"probe/scored_{metric}"

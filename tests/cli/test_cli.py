@@ -143,3 +143,13 @@ def test_export_of_a_user_subclass_needs_no_import_of_its_module(tmp_path):
     meta = json.loads((tmp_path / "exported.json").read_text())
     model = timm.create_model(meta["name"], **meta["model_kwargs"])
     model.load_state_dict(torch.load(tmp_path / "exported.pt"), strict=True)
+
+
+@pytest.mark.slow
+def test_a_failed_optional_part_is_summarised_and_exits_1_after_checkpoint_and_export(tmp_path):
+    parts = [{"class_path": "cli_testkit.FailedPart"}, {"class_path": "cli_testkit.ScoredProbe"}]
+    result = run_cli(["fit", "--config", str(tiny_config(tmp_path, "vicregl", steps=4, callbacks=parts))])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "FAILED: FailedPart: ValueError: mask of image 3" in result.stdout
+    assert re.search(r"probe/scored_top1\s+0.6250\s+\(trivial floor 0.1000\)", result.stdout), result.stdout
+    assert list((tmp_path / "ckpts").glob("*step=4*.ckpt")) and list((tmp_path / "run").rglob("backbone.pt"))
