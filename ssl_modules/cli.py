@@ -396,6 +396,12 @@ def run_cli(argv: list[str]) -> LightningCLI:
         raise CommandLineError(_short_argument_error(error, subcommand)) from None
 
 
+def _is_rank_zero() -> bool:
+    import os
+
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``python -m ssl_modules`` and the ``ssl-modules`` script; returns the exit code."""
     from .checkpoint_io import CheckpointFileError
@@ -425,7 +431,8 @@ def main(args: list[str] | None = None) -> int:
         from .guard import NonFiniteLossError
 
         if isinstance(error, NonFiniteLossError):
-            print(f"error: {error}", file=sys.stderr)
+            if _is_rank_zero():  # every process stops together; one message
+                print(f"error: {error}", file=sys.stderr)
             return 1
         raise
     return 1 if getattr(cli, "failures", None) else 0

@@ -17,11 +17,11 @@ CONFIGS = REPO / "examples" / "configs"
 class InjectNaN(Callback):
     """Fills the crops with NaN from optimizer step ``step`` on: every loss term downstream becomes NaN."""
 
-    def __init__(self, step: int = 5) -> None:
-        self.step = step
+    def __init__(self, step: int = 5, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             for crop in batch.crops:
                 crop.fill_(float("nan"))
 
@@ -50,14 +50,16 @@ def tiny_config(tmp_path: Path, method: str, *, steps: int = 8, callbacks: list 
 
 
 def run_cli(args: list[str], timeout: float = 600, extra_path: Path | None = None,
-            cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """``sys.exit(main(args))`` in a fresh interpreter with this checkout first on the path."""
+            cwd: Path = REPO, as_module: bool = False) -> subprocess.CompletedProcess:
+    """``sys.exit(main(args))`` in a fresh interpreter with this checkout first on the path
+    (``as_module``: ``python -m ssl_modules``, which a DDP launcher can re-run)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("PYTHONWARNINGS", None)
     paths = [str(REPO), str(Path(__file__).parent), str(extra_path) if extra_path else None]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     code = "import sys; from ssl_modules.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+    command = ["-m", "ssl_modules"] if as_module else ["-c", code]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=cwd)
 
 

@@ -67,3 +67,15 @@ def test_export_refuses_nonfinite_weights(tmp_path):
     assert not (tmp_path / "backbone.pt").exists()
     with pytest.raises(NonFiniteLossError, match="backbone.model"):
         check_finite_state(module, "x")
+
+
+@pytest.mark.slow
+def test_under_ddp_a_nan_on_one_process_stops_every_process(tmp_path):
+    inject = [{"class_path": "cli_testkit.InjectNaN", "init_args": {"step": 5, "rank": 1}}]
+    config = tiny_config(tmp_path, "vicregl", steps=12, callbacks=inject)
+    result = run_cli(["fit", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                     timeout=300, as_module=True)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("non-finite loss at step 5") == 1
+    saved = checkpoints_by_step(tmp_path / "ckpts")
+    assert saved and all_finite(saved[-1]) and int(saved[-1].stem.split("step=")[1]) <= 4
