@@ -117,7 +117,9 @@ class SSLModule(pl.LightningModule):
         if self.hparams.get("nonfinite_guard", True):
             from .guard import NonFiniteGuard
 
-            callbacks.append(NonFiniteGuard())
+            given = self._trainer is not None and any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks)
+            if not given:  # a guard the user configured (e.g. another check interval) is kept as it is
+                callbacks.append(NonFiniteGuard())
         return callbacks
 
     # ------------------------------------------------------------------------------------------ input

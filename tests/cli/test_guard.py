@@ -79,3 +79,18 @@ def test_under_ddp_a_nan_on_one_process_stops_every_process(tmp_path):
     assert result.stderr.count("non-finite loss at step 5") == 1
     saved = checkpoints_by_step(tmp_path / "ckpts")
     assert saved and all_finite(saved[-1]) and int(saved[-1].stem.split("step=")[1]) <= 4
+
+
+def test_the_guard_is_attached_once_and_a_configured_one_is_kept():
+    import lightning.pytorch as pl
+    from conftest import TINY_VIT, quiet_trainer_kwargs
+
+    from ssl_modules.base import SSLModule
+
+    module = SSLModule("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT))
+    assert [type(c) for c in module.configure_callbacks()] == [NonFiniteGuard]
+    mine = NonFiniteGuard(check_every_n_steps=1)
+    module.trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[mine]))
+    assert module.configure_callbacks() == []
+    assert SSLModule("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT), nonfinite_guard=False
+                     ).configure_callbacks() == []
