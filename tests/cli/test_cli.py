@@ -153,3 +153,9 @@ def test_a_failed_optional_part_is_summarised_and_exits_1_after_checkpoint_and_e
     assert "FAILED: FailedPart: ValueError: mask of image 3" in result.stdout
     assert re.search(r"probe/scored_top1\s+0.6250\s+\(trivial floor 0.1000\)", result.stdout), result.stdout
     assert list((tmp_path / "ckpts").glob("*step=4*.ckpt")) and list((tmp_path / "run").rglob("backbone.pt"))
+
+
+def test_python_m_ssl_modules_passes_the_exit_code_to_the_shell():
+    assert run_cli(["--help"], as_module=True).returncode == 0
+    assert run_cli([], as_module=True).returncode == 2
+    assert run_cli(["export", str(REPO / "missing.ckpt"), "out.pt"], as_module=True).returncode == 1
