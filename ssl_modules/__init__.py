@@ -15,6 +15,8 @@ _EXPORTS = {
     "VICRegL": "ssl_modules.vicregl",
     "BAM": "ssl_modules.bam",
     "CrIBo": "ssl_modules.cribo",
+    "NonFiniteGuard": "ssl_modules.guard",
+    "NonFiniteLossError": "ssl_modules.guard",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .bam import BAM
     from .base import SSLModule
     from .cribo import CrIBo
+    from .guard import NonFiniteGuard, NonFiniteLossError
     from .vicregl import VICRegL
 
 
