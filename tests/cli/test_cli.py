@@ -159,3 +159,15 @@ def test_python_m_ssl_modules_passes_the_exit_code_to_the_shell():
     assert run_cli(["--help"], as_module=True).returncode == 0
     assert run_cli([], as_module=True).returncode == 2
     assert run_cli(["export", str(REPO / "missing.ckpt"), "out.pt"], as_module=True).returncode == 1
+
+
+def test_evaluate_dispatches_to_the_evaluation_cli_with_its_arguments(monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("ssl_modules.evaluation.cli")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "ssl_modules.evaluation.cli", fake)
+    assert main(["evaluate", "--checkpoint", "a.ckpt"]) == 3
+    assert seen == [["--checkpoint", "a.ckpt"]]
