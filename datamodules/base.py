@@ -64,8 +64,8 @@ class PretrainDataModule(pl.LightningDataModule):
     """What every pretraining DataModule shares: multi-crop training loader, eval loaders, normalisation.
 
     Subclasses say where their images are (``train_images``; ``eval_images`` for labelled splits). Training
-    batches are ``Views``; their crops travel as uint8 and are normalised in ``on_after_batch_transfer``,
-    i.e. on the training device, unless ``normalize_on="worker"``. Why: float crops are 4x the bytes to pass
+    batches are ``Views``; their crops travel as uint8 and the ``SSLModule`` normalises them in its
+    ``on_after_batch_transfer``, i.e. on the training device (with its ``mean``/``std``), unless ``normalize_on="worker"``. Why: float crops are 4x the bytes to pass
     from the workers, to pin and to copy to the GPU (BAM's 224/96 recipe, 32 images: 57 MiB instead of
     14 MiB), and a 2-worker CPU loader delivered 146 instead of 116 images/s with uint8 crops
     (``benchmarks/views_throughput.py --loader``); on a GPU the conversion costs microseconds. Loaders used
@@ -213,12 +213,6 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.trainer.state.fn == "fit":
             return []
         return self._loader(Subset(dataset, [0]), 1, shuffle=False, drop_last=False)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise uint8 ``Views`` crops on the device they were moved to."""
-        if isinstance(batch, Views):
-            return batch.normalized()
-        return batch
 
     # -- helpers --------------------------------------------------------------------------------------------
 

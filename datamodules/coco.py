@@ -17,8 +17,12 @@ def read_instances(path: Path) -> dict[str, Any]:
     """The parsed ``instances_*.json`` (plain ``json``: pycocotools is not needed)."""
     if not path.is_file():
         raise LayoutError(f"{path} not found; expected {LAYOUT}")
-    with open(path) as file:
-        data = json.load(file)
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LayoutError(f"{path} is not valid JSON ({error}); expected a COCO instances file "
+                          "(download it again: the file may be truncated)") from None
     if not isinstance(data, dict) or "images" not in data:
         raise LayoutError(f"{path} is not a COCO instances file (no 'images' list)")
     return data

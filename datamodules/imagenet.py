@@ -77,3 +77,10 @@ class ImageNetDataModule(ClassificationDataMixin, PretrainDataModule):
 
     def train_images(self) -> ImageList:
         return self.eval_images("train")
+
+    def val_dataloader(self) -> Any:
+        """The validation loader, or none when the root has no validation folder: pretraining and the probes
+        that read ``train`` need none (a probe that needs ``val`` names the missing folder itself)."""
+        if not (self.root / self.splits["val"]).is_dir():
+            return []
+        return super().val_dataloader()

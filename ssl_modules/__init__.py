@@ -21,6 +21,8 @@ _EXPORTS = {
     "ExactResume": "ssl_modules.resume",
     "ObjectMemoryBank": "ssl_modules.memory_bank",
     "PerformanceOptions": "ssl_modules.performance",
+    "NonFiniteGuard": "ssl_modules.guard",
+    "NonFiniteLossError": "ssl_modules.guard",
 }
 
 __all__ = list(_EXPORTS)
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .resume import ExactResume
     from .memory_bank import ObjectMemoryBank
     from .performance import PerformanceOptions
+    from .guard import NonFiniteGuard, NonFiniteLossError
     from .vicregl import VICRegL
 
 

@@ -1,3 +1,5 @@
+import sys
+
 from ssl_modules.cli import main
 
-main()
+sys.exit(main())

@@ -143,6 +143,21 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
             kwargs = {"num_heads": MOCOV3_VIT_SMALL_HEADS, **kwargs}
         return Backbone(name, mocov3_vit=mocov3, **kwargs)
 
+    def on_fit_start(self) -> None:
+        """``top_k`` against the target columns of the global batch, before the first forward pass."""
+        super().on_fit_start()
+        batch = getattr(self.trainer.datamodule, "batch_size", None)
+        if not isinstance(batch, int) or self.hparams.top_k <= 0:
+            return
+        hp = self.hparams
+        targets = hp.num_target_crops or hp.num_global_crops
+        columns = targets * batch * self.trainer.world_size
+        if hp.top_k > columns:
+            raise ValueError(
+                f"top_k ({hp.top_k}) exceeds the {columns} target columns ({targets} target crops x {batch} images "
+                f"per process x {self.trainer.world_size} processes): lower top_k to at most {columns} or raise "
+                "the batch size")
+
     # ----------------------------------------------------------------------------------- schedules
     def declare_schedules(self, plan: RunPlan) -> dict[str, Schedule]:
         """LR (numpy-linspace warm-up, cosine), WD and EMA momentum (cosines, per step; the teacher moves

@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,6 +24,13 @@ from .schedules import RunPlan, Schedule, WarmupFormula, cosine, warmup_cosine
 __all__ = ["SSLModule"]
 
 _UNBOUNDED_STEPS = 2**62  # the nominal length of a run outside fit: schedules stay at their start values
+# The module normalises uint8 crops in its own on_after_batch_transfer by design (interface of the DataModules):
+# Lightning's note that it uses the module's hook and not the DataModule's says nothing a user must act on.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but "
+                        r"have passed in a `LightningDataModule`")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _batch_size(batch: Any) -> int:
@@ -68,6 +76,10 @@ class SSLModule(pl.LightningModule):
     Class attribute ``lr_warmup`` is the method's warm-up formula (``"fraction"``: ``peak * i / W``;
     ``"linspace"``: ``peak * i / (W - 1)``, numpy's linspace as DINO-family code uses), see
     ``docs/schedules.md``.
+        mean, std: per-channel normalisation of uint8 crops, ``(x / 255 - mean) / std`` on the training
+            device (ImageNet's by default); float crops are taken as already normalised.
+        nonfinite_guard: stop training at the first NaN/Inf loss term and never checkpoint or export
+            non-finite weights (``ssl_modules.guard``; ``docs/failures.md``). ``False`` turns it off.
     """
 
     lr_warmup: ClassVar[WarmupFormula] = "fraction"
@@ -90,6 +102,9 @@ class SSLModule(pl.LightningModule):
         clip_grad: float | None = None,
         clip_grad_mode: Literal["global_norm", "per_parameter"] = "global_norm",
         channels_last: bool = False,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        nonfinite_guard: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +122,45 @@ class SSLModule(pl.LightningModule):
         self.channels_last = channels_last and not self.backbone.is_vit
         self._schedules: dict[str, Schedule] | None = None  # declared at the first training batch of a fit
         self._schedule_values: dict[str, float] = {}  # the values applied to the current step
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must be 3 values each (RGB) with std > 0, got mean={mean}, std={std}")
+        self.logged_terms: tuple[int, dict[str, Tensor | float]] | None = None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """``ExactResume`` (RNG states per rank in checkpoints, mid-epoch checkpoints on graceful stops,
+        ``docs/resume.md``) and the non-finite guard (unless ``nonfinite_guard=False``, ``docs/failures.md``);
+        subclasses extend ``super()``'s list."""
+        from .resume import ExactResume
+
+        callbacks = [*(super().configure_callbacks() or []), ExactResume()]
+        if self.hparams.get("nonfinite_guard", True):
+            from .guard import NonFiniteGuard
+
+            given = self._trainer is not None and any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks)
+            if not given:  # a guard the user configured (e.g. another check interval) is kept as it is
+                callbacks.append(NonFiniteGuard())
+        return callbacks
+
+    # ------------------------------------------------------------------------------------------ input
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 crops of a training batch to float ``(x / 255 - mean) / std``, on the training device."""
+        crops = getattr(batch, "crops", None)
+        if isinstance(crops, list) and hasattr(batch, "_replace"):
+            return batch._replace(crops=[self.normalize_crop(c) for c in crops])
+        return batch
+
+    def normalize_crop(self, crop: Tensor) -> Tensor:
+        """A uint8 crop normalised with the module's mean/std; float crops unchanged; other dtypes refused."""
+        if crop.is_floating_point():
+            return crop
+        if crop.dtype != torch.uint8:
+            raise TypeError(
+                f"crops reached the module as {crop.dtype}: pass uint8 images in [0, 255] (normalised here with "
+                f"mean={tuple(self.hparams.mean)}, std={tuple(self.hparams.std)}) or already normalised float "
+                "tensors, e.g. crops.to(torch.uint8) or (crops / 255 - mean) / std")
+        mean = torch.tensor(self.hparams.mean, device=crop.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
+        std = torch.tensor(self.hparams.std, device=crop.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
+        return crop.float().sub_(mean).div_(std)
 
     # ----------------------------------------------------------------------------------------- parts
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
@@ -309,6 +363,8 @@ class SSLModule(pl.LightningModule):
     def log_terms(self, terms: Mapping[str, Tensor | float], prefix: str = "train/", sync_dist: bool = False) -> None:
         """Log a loss and its named terms (values already equal on every process need no sync)."""
         values = {f"{prefix}{k}": (v.detach() if isinstance(v, Tensor) else v) for k, v in terms.items()}
+        if self._trainer is not None and self.training:  # read by the non-finite guard (ssl_modules.guard)
+            self.logged_terms = (self.trainer.global_step, values)
         self.log_dict(values, on_step=True, on_epoch=False, sync_dist=sync_dist)
         if f"{prefix}loss" in values:
             self.log("loss", values[f"{prefix}loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
@@ -337,27 +393,28 @@ class SSLModule(pl.LightningModule):
         return {}
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """``ExactResume`` (RNG states per rank in checkpoints, mid-epoch checkpoints on graceful stops,
-        ``docs/resume.md``); subclasses extend the list (``super().configure_callbacks()``)."""
-        from .resume import ExactResume
-
-        return [ExactResume()]
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ssl_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        backbone = self.embedding_backbone
+        prefix = next(name for name, module in self.named_modules() if module is backbone)
+        # What an export needs without importing the (maybe user-defined) class: see ``export_from_checkpoint``.
+        checkpoint["ssl_module_backbone"] = {
+            "name": backbone.name, "model_kwargs": dict(backbone.model_kwargs),
+            "state_prefix": f"{prefix}.model." if prefix else "model.",
+            "removed_layer_scale": dict(getattr(backbone, "_removed_layer_scale", {})),
+        }
 
     @staticmethod
     def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> "SSLModule":
         """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint)."""
+        from .checkpoint_io import CheckpointFileError, read_checkpoint
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}: pass the path of a .ckpt written by a Trainer")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = read_checkpoint(path, map_location)
         class_path = checkpoint.get("ssl_module_class")
         if class_path is None:
-            raise ValueError(f"{path} was not written by an SSLModule (no 'ssl_module_class' entry)")
+            raise CheckpointFileError(f"{path} was not written by an SSLModule (no 'ssl_module_class' entry)")
         module_name, _, class_name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module_name), class_name)
         return cls.load_from_checkpoint(path, map_location=map_location)
@@ -370,9 +427,13 @@ class SSLModule(pl.LightningModule):
         ``timm.create_model(name, num_classes=0, **model_kwargs).load_state_dict(sd)`` loads strictly;
         ``path.with_suffix(".json")`` records ``name`` and ``model_kwargs``.
         """
+        from .guard import check_finite_state
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         backbone = self.embedding_backbone
+        check_finite_state(backbone, f"export to {path} refused (train with a lower lr or export an earlier "
+                                     "checkpoint)")
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(backbone.timm_state_dict(), path)
         meta = {"name": backbone.name, "model_kwargs": {**backbone.model_kwargs, "num_classes": 0}}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))

@@ -151,7 +151,6 @@ def _check_global_inputs(embeddings: Sequence[Tensor]) -> None:
     shapes = {tuple(e.shape) for e in embeddings}
     if len(shapes) != 1:
         raise ValueError(f"all embeddings must have the same shape (B, D), got {sorted(shapes)}")
-    _check_embedding_batch(embeddings[0], "embeddings")
 
 
 @full_precision
@@ -178,6 +177,7 @@ def vicregl_global_loss(
     """
     _check_global_inputs(embeddings)
     views = (gather or _identity)(torch.stack(list(embeddings), dim=1))  # (B, V, D): views act as slots
+    _check_embedding_batch(views, "embeddings (gathered over processes)")  # the global batch counts
     pairs = _anchor_pairs(views.shape[1])
     invariance = torch.stack([F.mse_loss(views[:, i], views[:, j]) for i, j in pairs]).mean()
     hinge, covariance = _regularisers(_centred_slots(views), eps)
@@ -435,8 +435,11 @@ def _check_local_inputs(
     locations: Sequence[Tensor],
     pairs: list[tuple[int, int]],
     num_matches: tuple[int | None, int | None],
+    check_batch: bool = True,
 ) -> None:
-    """Shape checks (no values read) before any work: views, locations, numbers of matches."""
+    """Shape checks (no values read) before any work: views, locations, numbers of matches.
+
+    ``check_batch=False`` where a gather follows: the batch of 2 the variance needs is the global batch."""
     _check_view_list(maps, "maps", ndim=3)
     if len(locations) != len(maps):
         raise ValueError(f"got {len(maps)} maps but {len(locations)} locations: one of each per view")
@@ -449,7 +452,8 @@ def _check_local_inputs(
                 f"the locations of view {v} must be (B, N, 2) = {(*m.shape[:2], 2)} like its map, "
                 f"got {tuple(loc.shape)}"
             )
-    _check_embedding_batch(maps[0], "maps")
+    if check_batch:
+        _check_embedding_batch(maps[0], "maps")
     if not isinstance(num_matches, Sequence) or isinstance(num_matches, str) or len(num_matches) != 2:
         raise ValueError(f"num_matches must be a pair (gamma_1, gamma_2) of ints or None, got {num_matches!r}")
     for a, b in pairs:
@@ -489,7 +493,7 @@ def vicregl_local_loss(
         matching kind the two directions are averaged, and the two kinds are summed.
     """
     maps, locations, pairs = [maps_a, maps_b], [locations_a, locations_b], [(0, 1)]
-    _check_local_inputs(maps, locations, pairs, num_matches)
+    _check_local_inputs(maps, locations, pairs, num_matches, check_batch=gather is None)
     coeffs = dict(inv_coeff=inv_coeff, var_coeff=var_coeff, cov_coeff=cov_coeff, eps=eps)
     return _local_terms(maps, locations, pairs, tuple(num_matches), filter_feature_matches, coeffs, gather)
 
@@ -537,7 +541,7 @@ def vicregl_loss(
     local_pairs: list[tuple[int, int]] = []
     if alpha < 1:
         local_pairs = _anchor_pairs(len(maps))
-        _check_local_inputs(maps, locations, local_pairs, num_matches)
+        _check_local_inputs(maps, locations, local_pairs, num_matches, check_batch=gather is None)
     if alpha > 0 and alpha < 1 and (len(embeddings) != len(maps) or embeddings[0].shape[0] != maps[0].shape[0]):
         raise ValueError(
             f"embeddings and maps must come from the same views and images: got {len(embeddings)} and "

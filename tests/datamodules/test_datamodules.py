@@ -18,6 +18,7 @@ from datamodules import (COCODataModule, ImageFolderDataModule, ImageNetDataModu
                          SyntheticScenesDataModule, UnknownMaskValueError, Views, VOCSegmentationDataModule,
                          read_mask)
 from datamodules.reading import list_images
+from ssl_modules.base import SSLModule
 
 LOADER = dict(batch_size=8, num_workers=2, views=tiny_views(), eval_size=32)
 
@@ -276,11 +277,12 @@ def test_colour_alone_does_not_tell_the_class(tmp_path):
 
 # -- Lightning and the CLI ---------------------------------------------------------------------------------------
 
-class RecordingModule(pl.LightningModule):
-    """Records what a training step receives."""
+class RecordingModule(SSLModule):
+    """Records what a training step receives (the SSLModule normalises the DataModule's uint8 crops)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__("vit_tiny_patch16_224", backbone_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=64,
+                                                                     num_heads=2))
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.received: list[tuple[torch.dtype, float, float]] = []
 

@@ -23,7 +23,7 @@ from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 
 from ssl_modules.base import SSLModule
-from ssl_modules.cli import SSLCLI, main
+from ssl_modules.cli import SSLCLI, main, run_cli
 from ssl_modules.cribo import CrIBo
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
@@ -181,7 +181,7 @@ def test_cpu_config_trains_two_steps_through_the_cli(path, synthetic_root, tmp_p
         overrides += ["--data.init_args.root", str(synthetic_root), "--data.init_args.num_train", str(2 * batch),
                       "--data.init_args.num_val", "16", "--data.init_args.num_workers", "0"]
     monkeypatch.setattr(sys, "argv", ["ssl_modules"])
-    cli = main(["fit", "--config", str(path), *overrides])
+    cli = run_cli(["fit", "--config", str(path), *overrides])
     assert cli.trainer.global_step == 2
     out = capsys.readouterr().out
     assert "Run finished." in out
