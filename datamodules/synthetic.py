@@ -223,7 +223,7 @@ def _write_range(config: SceneConfig, folder: Path, split: str, start: int, stop
 
 
 def _make_folders(config: SceneConfig, folder: Path) -> None:
-    for split, (name, coco_split) in _SPLITS.items():
+    for name, coco_split in _SPLITS.values():
         for class_folder in config.class_folders():
             (folder / "imagenet" / name / class_folder).mkdir(parents=True)
         (folder / "coco" / coco_split).mkdir(parents=True)

@@ -369,7 +369,8 @@ class MultiCropViews:
             if any(math.isnan(v) for v in guide):
                 guide = None
             elif alpha <= 0:
-                raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 (0.6 in BAM)")
+                raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 "
+                                 "(0.6 in BAM)")
         crops, boxes, flips = [], [], []
         for spec in self.specs:
             crop, box, flipped = self.crop(image, spec, guide, alpha)

@@ -131,7 +131,8 @@ class Backbone(nn.Module):
         if mocov3_vit:
             _make_mocov3_vit(self.model)
         self.global_pool = global_pool
-        if global_pool == "cell_norm_mean" and not isinstance(getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
+        head_norm = getattr(self.model.get_submodule("head"), "norm", None)
+        if global_pool == "cell_norm_mean" and not isinstance(head_norm, nn.Module):
             raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")
         self._removed_layer_scale = {} if layer_scale else _strip_layer_scale(self.model)
         if not layer_scale and not self._removed_layer_scale:

@@ -179,7 +179,8 @@ class SSLModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay)
-        return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas), eta=hp.lars_eta)
+        return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas),
+                               eta=hp.lars_eta)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -230,7 +231,7 @@ class SSLModule(pl.LightningModule):
         checkpoint["ssl_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @staticmethod
-    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> "SSLModule":
+    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> SSLModule:
         """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint)."""
         path = Path(path)
         if not path.is_file():

@@ -70,7 +70,7 @@ class SSLCLI(LightningCLI):
             print("\n".join(["", "Probe results (last evaluation):", *lines]))
 
 
-def probe_report(callbacks: list) -> list[str]:
+def probe_report(callbacks: list) -> list[str]:  # noqa: F811  (the parameter shadows the package on purpose)
     """One line per probe metric, ``probe/<name>_<metric>  value``, from the probes' ``last_metrics``."""
     lines = []
     for callback in callbacks:

@@ -22,14 +22,14 @@ class LocalMatching:
     flipped crop mirrors its columns when ``flip_aware`` is true.
     """
 
-    def cell_locations(self, views: "Views", view: int, grid: Sequence[int], flip_aware: bool = True) -> Tensor:
+    def cell_locations(self, views: Views, view: int, grid: Sequence[int], flip_aware: bool = True) -> Tensor:
         """``(B, h * w, 2)`` locations of the cells of view ``view``, row-major."""
         boxes = views.pixel_boxes()[:, view]
         flipped = views.flipped[:, view] if flip_aware else None
         return F.feature_cell_locations(boxes, tuple(grid), flipped)
 
     def all_cell_locations(
-        self, views: "Views", grids: Sequence[Sequence[int]], flip_aware: bool = True
+        self, views: Views, grids: Sequence[Sequence[int]], flip_aware: bool = True
     ) -> list[Tensor]:
         """Locations of every view's cells; ``grids[v]`` is view ``v``'s feature grid."""
         if len(grids) != views.num_views:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from example_testkit import all_configs, config_id, paper_configs, resolve, synthetic_root, tiny_configs  # noqa: F401
+from example_testkit import (all_configs, config_id, paper_configs, quick_probes_config, resolve,  # noqa: F401
+                             synthetic_root, tiny_configs)
 from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 
@@ -172,6 +173,7 @@ def test_cpu_config_trains_two_steps_through_the_cli(path, synthetic_root, tmp_p
     if path is None:
         path = tmp_path / "fallback_tiny.yaml"
         path.write_text(FALLBACK_TINY)
+    path = quick_probes_config(tmp_path, path)  # the test checks that the probes run, not how well they train
     config = load(path)
     overrides = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu",

@@ -71,6 +71,7 @@ data:
 """
 
 
+@pytest.mark.slow
 def test_cli_fit_under_ddp_then_cli_export_load_into_timm(synthetic_root, tmp_path):  # noqa: F811
     config = tmp_path / "config.yaml"
     config.write_text(CLI_CONFIG)

@@ -24,6 +24,7 @@ def test_linear_warmup_is_constant_afterwards():
 
 
 def test_step_schedule_weight_decay_cosine():
-    sched = StepSchedule(total_steps=20, warmup_steps=2, peak_lr=1.0, final_lr=0.0, weight_decay=0.04, final_weight_decay=0.4)
+    sched = StepSchedule(total_steps=20, warmup_steps=2, peak_lr=1.0, final_lr=0.0, weight_decay=0.04,
+                         final_weight_decay=0.4)
     assert math.isclose(sched.wd(0), 0.04) and math.isclose(sched.wd(20), 0.4)
     assert StepSchedule(20, 2, 1.0, 0.0, 0.05).wd(13) == 0.05

@@ -1,5 +1,4 @@
 """CrIBo functional core beyond the reference vectors: loop references, edge cases, shape-static variants."""
-import math
 
 import pytest
 import torch
