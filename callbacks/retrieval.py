@@ -66,7 +66,7 @@ class DenseRetrievalProbe(Probe):
     3. the patch class scores are upsampled bilinearly to the mask size, argmax, and the mean IoU is logged as
        ``probe/<name>_miou`` (torchmetrics, 255 ignored).
 
-    Unlike the offline protocol (CrIBo §11: augmented memory images, 512 px, up to 10^7 entries), the memory
+    Unlike the offline protocol (CrIBo paper: augmented memory images, 512 px, up to 10^7 entries), the memory
     images use the DataModule's eval transform and the memory is as large as the subset, to stay cheap.
 
     Under DDP each process embeds a shard of the memory images; the memory is gathered (in image order) on

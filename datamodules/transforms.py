@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-# 0.229 for red: VICRegL's pretraining code has 0.228 (a typo, spec/vicregl.md §2); every other recipe uses 0.229.
+# 0.229 for red: VICRegL's pretraining code has 0.228 (a typo, docs/vicregl.md); every other recipe uses 0.229.
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
@@ -94,7 +94,7 @@ class EvalTransform:
 class ResizeTransform:
     """Resize the whole image to ``size`` (aspect ratio not kept: nothing is cut away), then normalise.
 
-    What ContrastiveCrop's box update looks at (``spec/bam.md`` §9): every training image squashed to the
+    What ContrastiveCrop's box update looks at (``docs/bam.md``): every training image squashed to the
     model's input size.
 
     Args:

@@ -2,7 +2,7 @@
 
 ``MultiCropViews`` turns one uint8 image into ``n_global`` large and ``n_local`` small crops, each with its
 box in the image and its flip flag (a ``ViewSample``); ``collate_views`` stacks samples into the ``Views``
-batch of ``shared/DESIGN.md``. Crops stay uint8 through the loader; ``Views.normalized()`` (called by the
+batch of ``docs/architecture.md``. Crops stay uint8 through the loader; ``Views.normalized()`` (called by the
 DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns them into normalised floats.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "coll
 
 
 class Views(NamedTuple):
-    """A batch of multi-crop views, the training batch contract of ``shared/DESIGN.md``.
+    """A batch of multi-crop views, the training batch contract of ``docs/architecture.md``.
 
     Attributes:
         crops: V tensors ``(B, 3, H_v, W_v)``, the global (large) crops first, then the local ones.
@@ -90,7 +90,7 @@ class CropSpec:
     solarize_p: float
 
 
-# The papers' recipes (spec/cribo.md §2, spec/bam.md §8, spec/vicregl.md §2). Per-view probabilities are
+# The papers' recipes (CrIBo and BAM: DINO's pipeline; VICRegL: its official transforms.py). Per-view probabilities are
 # patterns cycled over the views of a group, so overriding n_local keeps each recipe's alternation.
 _COLOUR_CRIBO = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
                      global_blur_p=(1.0, 0.1), global_solarize_p=(0.0, 0.2))
@@ -187,7 +187,7 @@ def contrastive_crop_params(
     guide: Sequence[float],
     alpha: float = 0.6,
 ) -> tuple[int, int, int, int]:
-    """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``spec/bam.md`` §9).
+    """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``docs/bam.md``).
 
     The size is RandomResizedCrop's: area fraction uniform in ``scale``, aspect ratio (w / h) log-uniform in
     ``ratio``, up to 10 tries, then a centre crop (of the whole image, or of the largest box of an admissible
@@ -234,7 +234,7 @@ class MultiCropViews:
 
     Works on uint8 tensors and returns uint8 crops (normalise with ``Views.normalized``).
 
-    ContrastiveCrop (BAM, ``spec/bam.md`` §9): called with a ``guide`` box, every crop keeps its
+    ContrastiveCrop (BAM, ``docs/bam.md``): called with a ``guide`` box, every crop keeps its
     RandomResizedCrop size but is placed around the box (``contrastive_crop_params``); the global crops then
     use the scale range ``(global_scale[0], 1)``, the local ones ``local_scale``. The recorded boxes are the
     crops' true boxes either way. The training data set passes the guides (``MultiCropImages.set_crop_guides``).

@@ -4,7 +4,7 @@ Per step: encode the crops (one backbone call per resolution) -> project all cro
 teacher on all crops] -> similarity of every crop to the target crops of the whole global batch ->
 balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each global crop's target row
 and the attention rows of the other crops of the same image. Follows the official code
-(``shared/spec/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
+(``docs/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
 Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
 found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (``contrastive_crop.py``).
 """

@@ -5,7 +5,7 @@ views (semantics + seed-image positions) into objects -> teacher and student obj
 teacher's clusters -> nearest neighbour of every teacher object in a memory bank of objects, kept when the
 cycle back to the batch is consistent -> enqueue the batch's objects (all processes) -> three DINO-style
 losses: global cross-view, object cross-view, object cross-image. Follows the official code
-(``shared/spec/cribo.md``). The step is shape-static and free of host synchronisation: objects stay padded
+(``docs/cribo.md``). The step is shape-static and free of host synchronisation: objects stay padded
 per image with a validity mask.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One network, no teacher, no stop-gradient. Per step: encode every view -> global expander on the pooled
 vector and local projector on every cell -> seed-image location of every cell -> VICReg on the global
 embeddings, and on cells paired by location and by embedding distance -> ``alpha * global + (1 - alpha) *
-local``. Follows the official code (``shared/spec/vicregl.md``) where it differs from the paper.
+local``. Follows the official code (``docs/vicregl.md``) where it differs from the paper.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md: functional <- backbones/heads/mixins <- base <- methods <- cli."""
+"""The dependency direction of docs/architecture.md: functional <- backbones/heads/mixins <- base <- methods <- cli."""
 import subprocess
 import sys
 
