@@ -19,48 +19,13 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from ssl_modules.contracts import Views  # the batch contract (torch only; re-exported here)
+
 from . import colour
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode, normalize_uint8
+from .transforms import interpolation_mode, normalize_uint8
 
 __all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views", "contrastive_crop_params",
            "check_guide_boxes"]
-
-
-class Views(NamedTuple):
-    """A batch of multi-crop views, the training batch contract of ``docs/architecture.md``.
-
-    Attributes:
-        crops: V tensors ``(B, 3, H_v, W_v)``, the global (large) crops first, then the local ones.
-            Float and normalised when they reach the LightningModule.
-        boxes: ``(B, V, 4)`` float, each crop's box in the seed image, normalised ``(y0, x0, y1, x1)``.
-        flipped: ``(B, V)`` bool, horizontal flip applied to the crop (after cropping).
-        image_size: ``(B, 2)`` float, the seed image's ``(height, width)`` in pixels.
-        label: ``(B,)`` long class index, -1 where the data set has none.
-        index: ``(B,)`` long index of the image in its data set.
-    """
-
-    crops: list[Tensor]
-    boxes: Tensor
-    flipped: Tensor
-    image_size: Tensor
-    label: Tensor
-    index: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def num_views(self) -> int:
-        return len(self.crops)
-
-    def pixel_boxes(self) -> Tensor:
-        """Boxes in seed-image pixels, ``(B, V, 4)``: ``boxes * (H, W, H, W)``."""
-        return self.boxes * self.image_size.repeat(1, 2)[:, None, :]
-
-    def normalized(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Views:
-        """The same batch with uint8 crops turned into float32 ``(x / 255 - mean) / std``; float crops are kept."""
-        return self._replace(crops=[normalize_uint8(crop, mean, std) for crop in self.crops])
 
 
 class ViewSample(NamedTuple):

@@ -7,29 +7,17 @@ difference is an explicit option here (``global_pool="cell_norm_mean"``, ``layer
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from .contracts import Features
+
 __all__ = ["Features", "Backbone", "is_vit_name", "disable_stochastic_layers"]
 
 _VIT_MODULES = ("vision_transformer", "deit", "eva", "vision_transformer_hybrid", "vision_transformer_relpos")
-
-
-class Features(NamedTuple):
-    """What every backbone gives.
-
-    Attributes:
-        global_: ``(B, C)`` the pooled vector (CLS token for ViTs, average-pooled last map for CNNs).
-        dense: ``(B, N, C)`` patch tokens / last feature-map cells, row-major, ``N = h * w``.
-        grid: ``(h, w)`` of the dense features.
-    """
-
-    global_: Tensor
-    dense: Tensor
-    grid: tuple[int, int]
 
 
 def is_vit_name(name: str) -> bool:
@@ -131,8 +119,8 @@ class Backbone(nn.Module):
         if mocov3_vit:
             _make_mocov3_vit(self.model)
         self.global_pool = global_pool
-        head_norm = getattr(self.model.get_submodule("head"), "norm", None)
-        if global_pool == "cell_norm_mean" and not isinstance(head_norm, nn.Module):
+        if global_pool == "cell_norm_mean" and not isinstance(
+                getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
             raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")
         self._removed_layer_scale = {} if layer_scale else _strip_layer_scale(self.model)
         if not layer_scale and not self._removed_layer_scale:

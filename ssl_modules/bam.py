@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .contracts import Views
 from . import distributed
 from .backbones import Backbone, is_vit_name
 from .base import SSLModule, upcast
@@ -141,7 +142,7 @@ class BAM(ContrastiveCrop, TeacherEMA, MultiCrop, SSLModule):
         feats = self.encode_views(lambda x: self.encode(backbone, x), crops)
         return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops)))
 
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    def training_step(self, views: Views, batch_idx: int) -> Tensor:
         if views.num_views < 2:
             raise ValueError(f"BAM needs at least 2 crops per image, got {views.num_views}")
         student = self.project(self.backbone, self.projector, views.crops)

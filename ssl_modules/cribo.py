@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .contracts import Views
 from . import distributed
 from .backbones import Features
 from .base import SSLModule, upcast
@@ -204,7 +205,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         """Seed-image pixel centre of every patch of the two global views (flips followed)."""
         return [self.cell_locations(views, v, feats[v].grid, flip_aware=True) for v in (0, 1)]
 
-    def cluster(self, views, teacher_feats: list[Features]) -> Tensor:
+    def cluster(self, views: Views, teacher_feats: list[Features]) -> Tensor:
         """Joint-space clustering of the teacher's patch tokens of both views -> labels ``(2, B, N)``."""
         hp = self.hparams
         dense = [upcast(f.dense) for f in teacher_feats[:2]]
@@ -238,7 +239,7 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
         self.bank.copy_(updated["bank"])
         self.bank_counts.copy_(updated["counts"])
 
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    def training_step(self, views: Views, batch_idx: int) -> Tensor:
         hp = self.hparams
         batch, clusters = views.batch_size, hp.num_clusters
         with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .contracts import Views
 from . import distributed
 from .backbones import Backbone, Features
 from .base import SSLModule, upcast
@@ -131,7 +132,7 @@ class VICRegL(MultiCrop, LocalMatching, SSLModule):
                 )
 
     # ---------------------------------------------------------------------------------------- step
-    def training_step(self, views, batch_idx: int) -> Tensor:
+    def training_step(self, views: Views, batch_idx: int) -> Tensor:
         self._check_batch(views)
         feats = self.encode_views(self.forward, views.crops, per_view=not self.concat_views)
         self._check_grids(feats, views)

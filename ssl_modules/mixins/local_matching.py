@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .. import functional as F
+from ..contracts import Views
 
-if TYPE_CHECKING:
-    from datamodules import Views
 
 __all__ = ["LocalMatching"]
 
