@@ -305,14 +305,14 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
-    def visual_diagnostics(self, views, max_images: int = 4) -> dict[str, Tensor]:
-        """The teacher's object clusters over both views of the first images."""
-        from .visualize import denormalize, overlay_labels, tile
+    def visual_diagnostics(self, views: Views, max_images: int = 4) -> dict[str, Tensor]:
+        """``cribo/object_clusters``: for the first images, each global crop beside the teacher's clusters
+        of it (the clustering of both views together, as in training): are the objects found, and are they
+        the same in both views?"""
+        from .visualize import cluster_rows, denormalize
 
         count = min(max_images, views.batch_size)
-        sub = views._replace(crops=[c[:count] for c in views.crops[:2]], boxes=views.boxes[:count, :2],
-                             flipped=views.flipped[:count, :2], image_size=views.image_size[:count],
-                             label=views.label[:count], index=views.index[:count])
+        sub = views.select(slice(0, count), views=slice(0, 2))
         with self.evaluating():
             feats = self.encode_views(lambda x: self.encode(self.teacher["backbone"], x), sub.crops)
         old_group = self.hparams.local_group_size
@@ -321,10 +321,13 @@ class CrIBo(TeacherEMA, MultiCrop, LocalMatching, SSLModule):
             labels = self.cluster(sub, feats)
         finally:
             self.hparams.local_group_size = old_group
-        pictures = []
-        for i in range(count):
-            for v in (0, 1):
-                grid = feats[v].grid
-                pictures.append(overlay_labels(denormalize(sub.crops[v][i]), labels[v, i].reshape(grid),
-                                               num_labels=self.hparams.num_clusters))
-        return {"cribo/object_clusters": tile(pictures, nrow=2)}
+        grids = [feats[v].grid for v in (0, 1)]
+        maps = torch.stack([labels[v].reshape(count, *grids[v]) for v in (0, 1)])
+        shared = sum(len(set(maps[0, i].unique().tolist()) & set(maps[1, i].unique().tolist()))
+                     for i in range(count))
+        caption = [f"CrIBo teacher clusters at step {self.global_step}: one image per row, K = "
+                   f"{self.hparams.num_clusters} clusters of both views together",
+                   f"same colour = same cluster in both views; white = cluster boundary; {shared / count:.1f} "
+                   "clusters per image appear in both views"]
+        crops = [denormalize(crop) for crop in sub.crops]
+        return {"cribo/object_clusters": cluster_rows(crops, maps, self.hparams.num_clusters, caption)}
