@@ -66,7 +66,7 @@ model:
   init_args: {backbone: convnext_atto, num_matches: [2, 1], expander_widths: 32-32-32, projector_widths: 16-16-16}
 data:
   class_path: SyntheticScenesDataModule
-  init_args: {image_size: 64, num_train: 32, num_val: 8, views: vicregl_resnet, crop_sizes: [64, 32],
+  init_args: {scene: {image_size: 64, num_train: 32, num_val: 8}, views: vicregl_resnet, crop_sizes: [64, 32],
               batch_size: 8, num_workers: 0, eval_size: 64}
 """
 

@@ -10,7 +10,8 @@ from example_testkit import CONFIGS, quick_probes_config, synthetic_root  # noqa
 from ssl_modules.cli import main, probe_report
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
-SMALL_DATA = ["--data.init_args.num_train", "96", "--data.init_args.num_val", "32", "--data.init_args.num_workers", "0"]
+SMALL_DATA = ["--data.init_args.scene.num_train", "96", "--data.init_args.scene.num_val", "32",
+              "--data.init_args.num_workers", "0"]
 
 
 def _validate(extra, root, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from datamodules import MultiCropViews, SyntheticScenesDataModule
+from datamodules import MultiCropViews, SceneConfig, SyntheticScenesDataModule
 from ssl_modules import BAM, CrIBo
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
@@ -52,8 +52,8 @@ def main(method: str, root: str, out: str) -> None:
     pl.seed_everything(0)
     module, views = build(method)
     # 2 processes x batch 8 x 2 batches = one 32-image epoch: BAM's box update runs at its end.
-    data = SyntheticScenesDataModule(root=root, image_size=48, num_train=32, num_val=8, eval_size=32, batch_size=8,
-                                     num_workers=0, views=views)
+    scene = SceneConfig(image_size=48, num_train=32, num_val=8)
+    data = SyntheticScenesDataModule(root=root, scene=scene, eval_size=32, batch_size=8, num_workers=0, views=views)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record(Path(out))])
