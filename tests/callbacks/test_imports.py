@@ -2,8 +2,8 @@
 import subprocess
 import sys
 
-ALLOWED = {"ssl_modules", "ssl_modules.distributed", "ssl_modules.backbones", "ssl_modules.visualize",
-           "datamodules", "datamodules.views"}
+ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.distributed", "ssl_modules.backbones",
+           "ssl_modules.visualize", "datamodules", "datamodules.views"}
 
 
 def test_callbacks_import_only_the_feature_contract():
