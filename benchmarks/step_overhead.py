@@ -65,7 +65,8 @@ def register_presets() -> None:
         pass
     else:
         PRESETS["cribo"] = {
-            "tiny": lambda: (CrIBo("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64,
+            "tiny": lambda: (CrIBo("vit_tiny_patch16_224", backbone_kwargs=TINY_VIT, out_dim=1024, head_hidden_dim=256,
+                                   head_bottleneck_dim=64,
                                    object_out_dim=1024, num_clusters=4, queue_size=256), [32, 32], 16),
             "paper": lambda: (CrIBo("vit_small_patch16_224"), [224, 224], 64),
         }

@@ -1,6 +1,7 @@
 """Pictures in TensorBoard: ``VisualDiagnostics`` (what the method does) and the probes' predicted masks."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -8,11 +9,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from ssl_modules.visualize import segmentation_comparison, tile
 
 __all__ = ["VisualDiagnostics", "tensorboard_writer", "log_segmentation_examples"]
+
+log = logging.getLogger(__name__)
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
@@ -41,7 +45,11 @@ class VisualDiagnostics(Callback):
     clusters over the crops, VICRegL's matched cells, BAM's attention and Sinkhorn targets); each picture is
     added as ``<prefix><name>`` at the current global step. Runs on the global rank 0 process only, before the
     batch's training step, and only when the trainer has a ``TensorBoardLogger`` (a warning says so once
-    otherwise).
+    otherwise). Each picture carries its own caption (what the rows, columns and colours are).
+
+    Pictures are optional: if drawing fails (an exception in ``visual_diagnostics`` or a picture that is not
+    ``(3, H, W)``), the error is reported once, the callback disables itself, training goes on, and the
+    message is kept in ``failures`` (empty when all went well) for the end-of-run summary.
 
     Args:
         every_n_steps: log when the number of optimizer steps done is a multiple of this (step 0 included).
@@ -54,6 +62,7 @@ class VisualDiagnostics(Callback):
             raise ValueError(f"every_n_steps={every_n_steps} must be at least 1")
         self.every_n_steps, self.prefix = every_n_steps, prefix
         self._last_step: int | None = None
+        self.failures: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "visual_diagnostics", None)):
@@ -66,7 +75,7 @@ class VisualDiagnostics(Callback):
     def is_due(self, trainer: pl.Trainer) -> bool:
         """Whether this batch starts a logging step (once per step under gradient accumulation)."""
         step = trainer.global_step
-        return trainer.global_rank == 0 and step % self.every_n_steps == 0 and step != self._last_step
+        return self.enabled and trainer.global_rank == 0 and step % self.every_n_steps == 0 and step != self._last_step
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -76,11 +85,37 @@ class VisualDiagnostics(Callback):
         if writer is None:
             return
         self._last_step = trainer.global_step
-        with torch.no_grad():
-            pictures = pl_module.visual_diagnostics(batch)
+        try:
+            with torch.no_grad():
+                pictures = pl_module.visual_diagnostics(batch)
+            for name, picture in pictures.items():
+                check_picture(name, picture)
+        except Exception as error:  # noqa: BLE001  (optional part: never stop training)
+            self.fail(trainer, error)
+            return
         for name, picture in pictures.items():
-            if picture.dim() != 3 or picture.shape[0] != 3:
-                raise ValueError(f"visual_diagnostics()[{name!r}] has shape {tuple(picture.shape)}; "
-                                 "pictures must be (3, H, W) floats in [0, 1]")
             writer.add_image(f"{self.prefix}{name}", picture.detach().float().clamp(0, 1).cpu(),
                              global_step=trainer.global_step)
+
+    @property
+    def enabled(self) -> bool:
+        return not self.failures
+
+    def fail(self, trainer: pl.Trainer, error: Exception) -> None:
+        """Report a drawing failure once, keep it in ``failures`` and stop drawing."""
+        message = (f"VisualDiagnostics: drawing the pictures failed at step {trainer.global_step} and is now off: "
+                   f"{type(error).__name__}: {error}")
+        self.failures.append(message)
+        _report(message)
+
+
+@rank_zero_only
+def _report(message: str) -> None:
+    log.error(message)
+
+
+def check_picture(name: str, picture: Any) -> None:
+    """A diagnostics picture must be a float ``(3, H, W)`` tensor."""
+    if not isinstance(picture, Tensor) or picture.dim() != 3 or picture.shape[0] != 3:
+        shape = tuple(picture.shape) if isinstance(picture, Tensor) else type(picture).__name__
+        raise ValueError(f"visual_diagnostics()[{name!r}] is {shape}; pictures must be (3, H, W) floats in [0, 1]")

@@ -156,7 +156,7 @@ class PretrainDataModule(pl.LightningDataModule):
         return ImageFiles(dataset.files, dataset.labels, ResizeTransform(size))
 
     def set_crop_guides(self, boxes: Tensor | None, alpha: float = 0.6) -> None:
-        """ContrastiveCrop (``spec/bam.md`` §9): draw the training crops of image ``i`` around ``boxes[i]``.
+        """ContrastiveCrop (``docs/bam.md``): draw the training crops of image ``i`` around ``boxes[i]``.
 
         Args:
             boxes: ``(N, 4)`` normalised ``(y0, x0, y1, x1)``, one per training image in training-set order

@@ -70,7 +70,28 @@ def voc_palette() -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SceneConfig:
-    """What the generated data depends on (and so the key of its cache folder)."""
+    """What the generated scenes depend on (and so the key of their cache folder): the one description of the
+    data, given to ``SyntheticScenesDataModule(scene=...)`` (in YAML: ``scene: {image_size: 48, ...}``).
+
+    Attributes:
+        image_size: side of the square images in pixels (at least 16).
+        num_classes: number of shape classes (2 to 10).
+        num_train: training images.
+        num_val: validation images.
+        objects: range ``(min, max)`` of the number of objects (of distinct classes) in an image.
+        seed: seed of the generator; the same parameters give the same bytes.
+        style: ``"varied"`` (patterned and smooth fills on every kind of background texture) or ``"flat"``
+            (solid shapes on smooth backgrounds: easier to learn in a short run).
+        palette_size: draw every colour (objects and backgrounds alike) from this many seeded colours;
+            ``None``: any colour. Either way colour says nothing about the class.
+        max_rotation: objects are rotated uniformly within +-``max_rotation`` degrees (180: any orientation).
+        dominant_area: range of the labelled (largest) object's area, as a fraction of the image; smaller
+            objects on a larger canvas move further, so raw pixels match less and learning must generalise.
+        other_area: range of the further objects' areas.
+        dominant_copies: range of the number of objects of the labelled class, each with its own place, size,
+            rotation and colours: with several, raw pixels rarely line up between two images of a class,
+            while a crop almost always shows one of them.
+    """
 
     image_size: int = 96
     num_classes: int = 10
@@ -86,6 +107,8 @@ class SceneConfig:
     dominant_copies: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
+        for name in ("objects", "dominant_area", "other_area", "dominant_copies"):  # YAML gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.style not in STYLES:
             raise ValueError(f"style={self.style!r}; use one of {sorted(STYLES)}")
         if self.palette_size is not None and self.palette_size < 2:
@@ -223,7 +246,7 @@ def _write_range(config: SceneConfig, folder: Path, split: str, start: int, stop
 
 
 def _make_folders(config: SceneConfig, folder: Path) -> None:
-    for split, (name, coco_split) in _SPLITS.items():
+    for name, coco_split in _SPLITS.values():
         for class_folder in config.class_folders():
             (folder / "imagenet" / name / class_folder).mkdir(parents=True)
         (folder / "coco" / coco_split).mkdir(parents=True)
@@ -288,12 +311,12 @@ def ensure_generated(config: SceneConfig, root: Path, workers: int = 1) -> Path:
 
 
 class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
-    """Built-in scene-centric data: textured shapes of ``num_object_classes`` classes on textured backgrounds.
+    """Built-in scene-centric data: textured shapes of ``scene.num_classes`` classes on textured backgrounds.
 
     Generated once (in ``prepare_data``, or in ``setup`` if missing) into ``root/<key of the parameters>`` in
     the ImageNet, COCO and VOC layouts, and read through the real DataModules of those layouts. Pretraining
     reads ``layout``; the classification probes read the ImageNet layout (label: the largest visible object),
-    the segmentation probes the VOC layout (``num_object_classes + 1`` classes, 0 background, 255 borders).
+    the segmentation probes the VOC layout (``scene.num_classes + 1`` classes, 0 background, 255 borders).
 
     Colours and textures come from one distribution for every class and the background, and every shape
     gets the same area range, so only shape identifies a class (a colour-histogram classifier is at chance).
@@ -301,23 +324,8 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
     Args:
         root: cache folder; default ``$SSL_MODULES_DATA/synthetic`` or ``~/.cache/ssl_modules/synthetic``.
         layout: what pretraining reads: ``"imagenet"``, ``"coco"`` or ``"voc"``.
-        image_size: side of the square images in pixels.
-        num_object_classes: number of shape classes (2 to 10).
-        num_train: training images.
-        num_val: validation images.
-        objects_per_image: range of the number of objects (of distinct classes) in an image.
-        style: ``"varied"`` (patterned and smooth fills on every kind of background texture) or ``"flat"``
-            (solid shapes on smooth backgrounds: easier to learn in a short run).
-        palette_size: draw every colour (objects and backgrounds alike) from this many seeded colours;
-            ``None``: any colour. Either way colour says nothing about the class.
-        max_rotation: objects are rotated uniformly within +-``max_rotation`` degrees (180: any orientation).
-        dominant_area: range of the labelled (largest) object's area, as a fraction of the image; smaller
-            objects on a larger canvas move further, so raw pixels match less and learning must generalise.
-        other_area: range of the further objects' areas.
-        dominant_copies: range of the number of objects of the labelled class, each with its own place, size,
-            rotation and colours: with several, raw pixels rarely line up between two images of a class,
-            while a crop almost always shows one of them.
-        seed: seed of the generator; the same parameters give the same bytes.
+        scene: what the scenes are (:class:`SceneConfig`: size, classes, counts, style, object areas, seed);
+            a dict of its fields is taken too.
         generation_workers: processes that generate the data.
         views: the multi-crop transform or a preset name; a preset gets the crop sizes ``crop_sizes``.
         crop_sizes: ``(global, local)`` crop sides applied to a preset name (suits the small images).
@@ -329,18 +337,7 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         self,
         root: str | None = None,
         layout: Literal["imagenet", "coco", "voc"] = "imagenet",
-        image_size: int = 96,
-        num_object_classes: int = 10,
-        num_train: int = 4000,
-        num_val: int = 500,
-        objects_per_image: tuple[int, int] = (1, 3),
-        style: Literal["varied", "flat"] = "varied",
-        palette_size: int | None = None,
-        max_rotation: float = 180.0,
-        dominant_area: tuple[float, float] = (0.15, 0.35),
-        other_area: tuple[float, float] = (0.02, 0.06),
-        dominant_copies: tuple[int, int] = (1, 1),
-        seed: int = 0,
+        scene: SceneConfig = SceneConfig(),
         generation_workers: int = 2,
         views: MultiCropViews | str = "cribo",
         crop_sizes: tuple[int, int] = (64, 32),
@@ -352,15 +349,20 @@ class SyntheticScenesDataModule(ClassificationDataMixin, PretrainDataModule):
         super().__init__(views=views, eval_size=eval_size, **kwargs)
         if layout not in ("imagenet", "coco", "voc"):
             raise ValueError(f"layout={layout!r}; use 'imagenet', 'coco' or 'voc'")
-        self.config = SceneConfig(image_size=image_size, num_classes=num_object_classes, num_train=num_train,
-                                  num_val=num_val, objects=tuple(objects_per_image), seed=seed, style=style,
-                                  palette_size=palette_size, max_rotation=max_rotation,
-                                  dominant_area=tuple(dominant_area), other_area=tuple(other_area),
-                                  dominant_copies=tuple(dominant_copies))
+        if isinstance(scene, dict):
+            scene = SceneConfig(**scene)
+        if not isinstance(scene, SceneConfig):
+            raise TypeError(f"scene must be a SceneConfig (or a dict of its fields), got {type(scene).__name__}")
+        self.config = scene
         self.cache_root = Path(root).expanduser() if root is not None else default_cache_root()
         self.layout, self.generation_workers = layout, generation_workers
         self._loader_kwargs = dict(kwargs, views=self.views, eval_size=eval_size)
         self._readers: dict[str, PretrainDataModule] = {}
+
+    @property
+    def scene(self) -> SceneConfig:
+        """The scenes' description (also ``config``)."""
+        return self.config
 
     # -- where the data is ------------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Deterministic transforms of the probes: resize the shorter side, centre crop, normalise."""
 from __future__ import annotations
 
-import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
+
+from ssl_modules.contracts import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # torch only
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -15,10 +16,6 @@ __all__ = [
     "SegmentationEvalTransform",
     "normalize_uint8",
 ]
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-# 0.229 for red: VICRegL's pretraining code has 0.228 (a typo, spec/vicregl.md §2); every other recipe uses 0.229.
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
     "bicubic": InterpolationMode.BICUBIC,
@@ -33,20 +30,6 @@ def interpolation_mode(name: str) -> InterpolationMode:
         return INTERPOLATIONS[name]
     except KeyError:
         raise ValueError(f"interpolation={name!r} is unknown; use one of {sorted(INTERPOLATIONS)}") from None
-
-
-def normalize_uint8(
-    images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> Tensor:
-    """uint8 images ``(..., 3, H, W)`` in [0, 255] -> float32 ``(x / 255 - mean) / std``, in one pass each way.
-
-    Float inputs are taken as already normalised and returned unchanged.
-    """
-    if images.is_floating_point():
-        return images
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(-1, 1, 1) * 255.0
-    return images.float().sub_(mean_t).div_(std_t)
 
 
 def _check_size(name: str, value: int) -> None:
@@ -94,7 +77,7 @@ class EvalTransform:
 class ResizeTransform:
     """Resize the whole image to ``size`` (aspect ratio not kept: nothing is cut away), then normalise.
 
-    What ContrastiveCrop's box update looks at (``spec/bam.md`` §9): every training image squashed to the
+    What ContrastiveCrop's box update looks at (``docs/bam.md``): every training image squashed to the
     model's input size.
 
     Args:

@@ -2,7 +2,7 @@
 
 ``MultiCropViews`` turns one uint8 image into ``n_global`` large and ``n_local`` small crops, each with its
 box in the image and its flip flag (a ``ViewSample``); ``collate_views`` stacks samples into the ``Views``
-batch of ``shared/DESIGN.md``. Crops stay uint8 through the loader; ``Views.normalized()`` (called by the
+batch of ``docs/architecture.md``. Crops stay uint8 through the loader; ``Views.normalized()`` (called by the
 DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns them into normalised floats.
 """
 from __future__ import annotations
@@ -18,48 +18,13 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from ssl_modules.contracts import Views  # the batch contract (torch only; re-exported here)
+
 from . import colour
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode, normalize_uint8
+from .transforms import interpolation_mode, normalize_uint8
 
 __all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views", "contrastive_crop_params",
            "check_guide_boxes", "random_resized_crop_params", "color_jitter_params", "item_generator"]
-
-
-class Views(NamedTuple):
-    """A batch of multi-crop views, the training batch contract of ``shared/DESIGN.md``.
-
-    Attributes:
-        crops: V tensors ``(B, 3, H_v, W_v)``, the global (large) crops first, then the local ones.
-            Float and normalised when they reach the LightningModule.
-        boxes: ``(B, V, 4)`` float, each crop's box in the seed image, normalised ``(y0, x0, y1, x1)``.
-        flipped: ``(B, V)`` bool, horizontal flip applied to the crop (after cropping).
-        image_size: ``(B, 2)`` float, the seed image's ``(height, width)`` in pixels.
-        label: ``(B,)`` long class index, -1 where the data set has none.
-        index: ``(B,)`` long index of the image in its data set.
-    """
-
-    crops: list[Tensor]
-    boxes: Tensor
-    flipped: Tensor
-    image_size: Tensor
-    label: Tensor
-    index: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def num_views(self) -> int:
-        return len(self.crops)
-
-    def pixel_boxes(self) -> Tensor:
-        """Boxes in seed-image pixels, ``(B, V, 4)``: ``boxes * (H, W, H, W)``."""
-        return self.boxes * self.image_size.repeat(1, 2)[:, None, :]
-
-    def normalized(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Views:
-        """The same batch with uint8 crops turned into float32 ``(x / 255 - mean) / std``; float crops are kept."""
-        return self._replace(crops=[normalize_uint8(crop, mean, std) for crop in self.crops])
 
 
 class ViewSample(NamedTuple):
@@ -89,7 +54,7 @@ class CropSpec:
     solarize_p: float
 
 
-# The papers' recipes (spec/cribo.md §2, spec/bam.md §8, spec/vicregl.md §2). Per-view probabilities are
+# The papers' recipes (CrIBo and BAM: DINO's pipeline; VICRegL: its official transforms.py). Per-view probabilities are
 # patterns cycled over the views of a group, so overriding n_local keeps each recipe's alternation.
 _COLOUR_CRIBO = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
                      global_blur_p=(1.0, 0.1), global_solarize_p=(0.0, 0.2))
@@ -258,7 +223,7 @@ def contrastive_crop_params(
     alpha: float = 0.6,
     generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
-    """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``spec/bam.md`` §9).
+    """ContrastiveCrop's crop ``(top, left, h, w)`` in an image of ``height x width`` pixels (``docs/bam.md``).
 
     The size is RandomResizedCrop's: area fraction uniform in ``scale``, aspect ratio (w / h) log-uniform in
     ``ratio``, up to 10 tries, then a centre crop (of the whole image, or of the largest box of an admissible
@@ -293,7 +258,7 @@ class MultiCropViews:
 
     Works on uint8 tensors and returns uint8 crops (normalise with ``Views.normalized``).
 
-    ContrastiveCrop (BAM, ``spec/bam.md`` §9): called with a ``guide`` box, every crop keeps its
+    ContrastiveCrop (BAM, ``docs/bam.md``): called with a ``guide`` box, every crop keeps its
     RandomResizedCrop size but is placed around the box (``contrastive_crop_params``); the global crops then
     use the scale range ``(global_scale[0], 1)``, the local ones ``local_scale``. The recorded boxes are the
     crops' true boxes either way. The training data set passes the guides (``MultiCropImages.set_crop_guides``).
@@ -425,7 +390,8 @@ class MultiCropViews:
             if any(math.isnan(v) for v in guide):
                 guide = None
             elif alpha <= 0:
-                raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 (0.6 in BAM)")
+                raise ValueError(f"alpha={alpha}: the Beta(alpha, alpha) of ContrastiveCrop needs alpha > 0 "
+                                 "(0.6 in BAM)")
         crops, boxes, flips = [], [], []
         for spec in self.specs:
             crop, box, flipped = self.crop(image, spec, guide, alpha, generator)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from callbacks import KNNProbe, OnlineLinearProbe  # noqa: E402
-from datamodules import MultiCropViews, SyntheticScenesDataModule  # noqa: E402
+from datamodules import MultiCropViews, SceneConfig, SyntheticScenesDataModule  # noqa: E402
 from ssl_modules import VICRegL  # noqa: E402
 
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     views = MultiCropViews.preset("vicregl_convnext", global_size=args.global_size, local_size=args.local_size,
                                   n_local=args.num_local)
     data = SyntheticScenesDataModule(
-        root=args.data_root, image_size=max(96, args.global_size), num_train=args.num_train, num_val=args.num_val,
+        root=args.data_root,
+        scene=SceneConfig(image_size=max(96, args.global_size), num_train=args.num_train, num_val=args.num_val),
         views=views, eval_size=args.global_size, batch_size=args.batch_size, num_workers=args.num_workers,
     )
     probes = [  # every_n_epochs=0: evaluated once, after the last epoch

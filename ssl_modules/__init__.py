@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "SSLModule": "ssl_modules.base",
     "Backbone": "ssl_modules.backbones",
-    "Features": "ssl_modules.backbones",
+    "Features": "ssl_modules.contracts",
+    "Views": "ssl_modules.contracts",
     "VICRegL": "ssl_modules.vicregl",
     "BAM": "ssl_modules.bam",
     "CrIBo": "ssl_modules.cribo",
@@ -28,7 +29,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .backbones import Backbone, Features
+    from .backbones import Backbone
+    from .contracts import Features, Views
     from .bam import BAM
     from .base import SSLModule
     from .cribo import CrIBo

@@ -16,22 +16,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from .contracts import Features
+
 __all__ = ["Features", "Backbone", "is_vit_name", "is_vision_transformer_name", "disable_stochastic_layers",
            "check_model_name"]
-
-
-class Features(NamedTuple):
-    """What every backbone gives.
-
-    Attributes:
-        global_: ``(B, C)`` the pooled vector (CLS token for ViTs, average-pooled last map for CNNs).
-        dense: ``(B, N, C)`` patch tokens / last feature-map cells, row-major, ``N = h * w``.
-        grid: ``(h, w)`` of the dense features.
-    """
-
-    global_: Tensor
-    dense: Tensor
-    grid: tuple[int, int]
 
 
 def check_model_name(name: str) -> None:
@@ -194,7 +182,8 @@ class Backbone(nn.Module):
             _make_mocov3_vit(self.model)
         self._init_cls_token(cls_token_init)
         self.global_pool = global_pool
-        if global_pool == "cell_norm_mean" and not isinstance(getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
+        if global_pool == "cell_norm_mean" and not isinstance(
+                getattr(self.model.get_submodule("head"), "norm", None), nn.Module):
             raise ValueError(f"global_pool='cell_norm_mean' needs a model with a head norm (ConvNeXt); {name} has none")
         self._removed_layer_scale = {} if layer_scale else _strip_layer_scale(self.model)
         if not layer_scale and not self._removed_layer_scale:

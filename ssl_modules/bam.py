@@ -4,7 +4,7 @@ Per step: encode the crops (one backbone call per resolution) -> project all cro
 teacher on all crops] -> similarity of every crop to the target crops of the whole global batch ->
 balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each global crop's target row
 and the attention rows of the other crops of the same image. Follows the official code
-(``shared/spec/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
+(``docs/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
 Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
 found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (``contrastive_crop.py``).
 """
@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .contracts import Views
 from . import distributed
 from .backbones import Backbone, is_vision_transformer_name
 from .base import SSLModule
@@ -194,7 +195,7 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
         feats = encode_views(lambda x: self.encode(backbone, x), crops)
         return list(projector(torch.cat([f.global_ for f in feats])).chunk(len(crops))), feats[0].global_
 
-    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, views: Views, batch_idx: int) -> dict[str, Tensor]:
         if views.num_views < 2:
             raise ValueError(f"BAM needs at least 2 crops per image, got {views.num_views}")
         student, embedding = self.encode_and_project(self.backbone, self.projector, views.crops)
@@ -225,23 +226,40 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
-    def visual_diagnostics(self, views, max_images: int = 16) -> dict[str, Tensor]:
-        """The source attention and the balanced targets of the first images (single-process view)."""
+    def visual_diagnostics(self, views: Views, max_images: int = 8) -> dict[str, Tensor]:
+        """``bam/attention`` and ``bam/targets`` of the first images, as one process sees them: rows are the
+        crops (crop-major: block ``v`` holds crop ``v`` of every image), columns the target crops; the
+        positives (two crops of one image, removed from the loss) are marked. Does the source attention
+        follow its balanced target, and is the target spread over the batch rather than collapsed?"""
         from .functional import bam_loss as full_batch_loss
-        from .visualize import heatmap
+        from .functional import bam_positive_mask
+        from .visualize import attention_picture
 
-        crops = [c[:max_images] for c in views.crops]
+        sub = views.select(slice(0, max_images))
+        crops, count = sub.crops, sub.batch_size
         with self.evaluating():
             student = self.project(self.backbone, self.projector, crops)
             teacher = None
             if self.has_teacher:
                 teacher = self.project(self.teacher["backbone"], self.teacher["projector"], crops)
         hp = self.hparams
-        top_k = min(hp.top_k, (hp.num_target_crops or hp.num_global_crops) * crops[0].shape[0])
+        targets_crops = hp.num_target_crops or hp.num_global_crops
+        top_k = min(hp.top_k, targets_crops * count)
         out = full_batch_loss(student, teacher,
                               num_global_crops=hp.num_global_crops, num_target_crops=hp.num_target_crops,
                               softmax_temperature=hp.softmax_temperature,
                               sinkhorn_temperature=self.sinkhorn_temperature(),
                               num_sinkhorn_iters=hp.num_sinkhorn_iters, positive_masking=hp.positive_masking,
                               top_k=top_k)
-        return {"bam/attention": heatmap(out["attention"]), "bam/targets": heatmap(out["targets"])}
+        positives = bam_positive_mask(count, len(crops), targets_crops)
+        if not hp.positive_masking:
+            positives = torch.zeros_like(positives)
+        step = self.global_step
+        return {
+            "bam/attention": attention_picture(
+                out["attention"], positives, count,
+                f"BAM source attention at step {step}: softmax of each crop's similarity to the target crops"),
+            "bam/targets": attention_picture(
+                out["targets"], positives[: hp.num_global_crops * count], count,
+                f"BAM balanced targets at step {step} (Sinkhorn, top-{top_k}): rows are the global crops"),
+        }

@@ -344,7 +344,8 @@ class SSLModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay, self.lr_schedule_groups())
-        return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas), eta=hp.lars_eta)
+        return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas),
+                               eta=hp.lars_eta)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -406,7 +407,7 @@ class SSLModule(pl.LightningModule):
         }
 
     @staticmethod
-    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> "SSLModule":
+    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> SSLModule:
         """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint)."""
         from .checkpoint_io import CheckpointFileError, read_checkpoint
 

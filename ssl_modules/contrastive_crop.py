@@ -1,4 +1,4 @@
-"""ContrastiveCrop adapted to ViTs, as BAM uses it (``shared/spec/bam.md`` §9).
+"""ContrastiveCrop adapted to ViTs, as BAM uses it (``docs/bam.md``, "ContrastiveCrop").
 
 Every training image has a box, initially the whole image. At the end of the scheduled epochs the teacher's
 backbone (the student's when there is no teacher) looks at every training image squashed to the model's

@@ -5,7 +5,7 @@ views (semantics + seed-image positions) into objects -> teacher and student obj
 teacher's clusters -> nearest neighbour of every teacher object in a memory bank of objects, kept when the
 cycle back to the batch is consistent -> enqueue the batch's objects (all processes) -> three DINO-style
 losses: global cross-view, object cross-view, object cross-image. Follows the official code
-(``shared/spec/cribo.md``). The step is shape-static and free of host synchronisation: objects stay padded
+(``docs/cribo.md``). The step is shape-static and free of host synchronisation: objects stay padded
 per image with a validity mask.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .contracts import Views
 from . import distributed
 from .backbones import Backbone, Features, is_vit_name
 from .base import SSLModule
@@ -259,7 +260,7 @@ class CrIBo(TeacherEMA, SSLModule):
         """Seed-image pixel centre of every patch of the two global views (flips followed)."""
         return [cell_locations(views, v, feats[v].grid, flip_aware=True) for v in (0, 1)]
 
-    def cluster(self, views, teacher_feats: list[Features]) -> Tensor:
+    def cluster(self, views: Views, teacher_feats: list[Features]) -> Tensor:
         """Joint-space clustering of the teacher's patch tokens of both views -> labels ``(2, B, N)``."""
         hp = self.hparams
         dense = [f.dense for f in teacher_feats[:2]]
@@ -291,7 +292,7 @@ class CrIBo(TeacherEMA, SSLModule):
         """The global head on every view's CLS token in one call (the official DINO-style head call)."""
         return list(head(torch.cat([f.global_ for f in feats])).chunk(len(feats)))
 
-    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, views: Views, batch_idx: int) -> dict[str, Tensor]:
         hp = self.hparams
         batch, clusters = views.batch_size, hp.num_clusters
         with torch.no_grad():
@@ -364,14 +365,14 @@ class CrIBo(TeacherEMA, SSLModule):
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
-    def visual_diagnostics(self, views, max_images: int = 4) -> dict[str, Tensor]:
-        """The teacher's object clusters over both views of the first images."""
-        from .visualize import denormalize, overlay_labels, tile
+    def visual_diagnostics(self, views: Views, max_images: int = 4) -> dict[str, Tensor]:
+        """``cribo/object_clusters``: for the first images, each global crop beside the teacher's clusters
+        of it (the clustering of both views together, as in training): are the objects found, and are they
+        the same in both views?"""
+        from .visualize import cluster_rows, denormalize
 
         count = min(max_images, views.batch_size)
-        sub = views._replace(crops=[c[:count] for c in views.crops[:2]], boxes=views.boxes[:count, :2],
-                             flipped=views.flipped[:count, :2], image_size=views.image_size[:count],
-                             label=views.label[:count], index=views.index[:count])
+        sub = views.select(slice(0, count), views=slice(0, 2))
         with self.evaluating():
             feats = encode_views(lambda x: self.encode(self.teacher["backbone"], x), sub.crops)
         old_group = self.hparams.local_group_size
@@ -380,10 +381,13 @@ class CrIBo(TeacherEMA, SSLModule):
             labels = self.cluster(sub, feats)
         finally:
             self.hparams.local_group_size = old_group
-        pictures = []
-        for i in range(count):
-            for v in (0, 1):
-                grid = feats[v].grid
-                pictures.append(overlay_labels(denormalize(sub.crops[v][i]), labels[v, i].reshape(grid),
-                                               num_labels=self.hparams.num_clusters))
-        return {"cribo/object_clusters": tile(pictures, nrow=2)}
+        grids = [feats[v].grid for v in (0, 1)]
+        maps = torch.stack([labels[v].reshape(count, *grids[v]) for v in (0, 1)])
+        shared = sum(len(set(maps[0, i].unique().tolist()) & set(maps[1, i].unique().tolist()))
+                     for i in range(count))
+        caption = [f"CrIBo teacher clusters at step {self.global_step}: one image per row, K = "
+                   f"{self.hparams.num_clusters} clusters of both views together",
+                   f"same colour = same cluster in both views; white = cluster boundary; {shared / count:.1f} "
+                   "clusters per image appear in both views"]
+        crops = [denormalize(crop) for crop in sub.crops]
+        return {"cribo/object_clusters": cluster_rows(crops, maps, self.hparams.num_clusters, caption)}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.views import Views
+from .contracts import Views
 
 __all__ = ["random_views"]
 

@@ -3,7 +3,7 @@
 One network, no teacher, no stop-gradient. Per step: encode every view -> global expander on the pooled
 vector and local projector on every cell -> seed-image location of every cell -> VICReg on the global
 embeddings, and on cells paired by location and by embedding distance -> ``alpha * global + (1 - alpha) *
-local``. Follows the official code (``shared/spec/vicregl.md``) where it differs from the paper.
+local``. Follows the official code (``docs/vicregl.md``) where it differs from the paper.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .contracts import Views
 from . import distributed
 from .backbones import Backbone, Features
 from .base import SSLModule
@@ -141,7 +142,7 @@ class VICRegL(SSLModule):
                 )
 
     # ---------------------------------------------------------------------------------------- step
-    def training_step(self, views, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, views: Views, batch_idx: int) -> dict[str, Tensor]:
         self._check_batch(views)
         feats = encode_views(self.forward, views.crops, per_view=not self.concat_views)
         self._check_grids(feats, views)
@@ -167,20 +168,47 @@ class VICRegL(SSLModule):
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
-    def visual_diagnostics(self, views) -> dict[str, Tensor]:
-        """The location-matched cells of the first image's two large views, drawn as lines between them."""
-        from .visualize import draw_matches
+    def diagnostic_matches(self, views: Views) -> dict[str, Any]:
+        """The matches of the first image's two large views that the diagnostics draw: the location matches
+        (the ``num_matches[0]`` closest cell pairs in the seed image, fixed by the crops) and the learned
+        feature matches (the ``num_matches[0]`` closest pairs of local embeddings), each as cell indices
+        ``(query, candidate)``, with whether each feature match lands within one cell of where the geometry
+        puts its query."""
+        from .functional import match_by_features
+
+        sub = views.select(0, views=slice(0, 2))
+        with self.evaluating():
+            feats = [self.forward(crop) for crop in sub.crops]
+            embeddings = [self.projector(f.dense) for f in feats]
+        grids = [f.grid for f in feats]
+        locations = all_cell_locations(sub, grids, self.hparams.flip_aware_locations)
+        gamma = min(self.hparams.num_matches[0], locations[0].shape[1], locations[1].shape[1])
+        by_location = match_cells(locations[0], locations[1], gamma)
+        by_feature = match_by_features(embeddings[0], embeddings[1], gamma)
+        query, matched = by_feature["query_index"][0], by_feature["candidate_index"][0]
+        # Agreement: the matched cell lies within one cell (of the candidate view) of the query's location.
+        cell_size = (sub.pixel_boxes()[0, 1, 2:] - sub.pixel_boxes()[0, 1, :2]) / torch.tensor(grids[1])
+        offset = (locations[1][0, matched] - locations[0][0, query]).abs() / cell_size.to(locations[0])
+        return {"crops": sub.crops, "grids": grids,
+                "location": (by_location["query_index"][0], by_location["candidate_index"][0]),
+                "feature": (query, matched), "agrees": (offset <= 1.0).all(dim=-1)}
+
+    @torch.no_grad()
+    def visual_diagnostics(self, views: Views) -> dict[str, Tensor]:
+        """``vicregl/matches``: the first image's two large views with their feature cells outlined; top, the
+        location matches (geometry: nothing learned); below, the learned feature matches, green where they
+        agree with the geometry and red where not."""
+        from .visualize import denormalize, match_panels, with_caption
 
         if self.projector is None:
             return {}
-        crops = [c[:1] for c in views.crops[:2]]
-        with self.evaluating():
-            feats = [self.forward(c) for c in crops]
-        sub = views._replace(crops=crops, boxes=views.boxes[:1, :2], flipped=views.flipped[:1, :2],
-                             image_size=views.image_size[:1])
-        locations = all_cell_locations(sub, [f.grid for f in feats], self.hparams.flip_aware_locations)
-        gamma = min(self.hparams.num_matches[0], locations[0].shape[1])
-        match = match_cells(locations[0], locations[1], gamma)
-        image = draw_matches(crops[0][0], crops[1][0], feats[0].grid, feats[1].grid,
-                             match["query_index"][0], match["candidate_index"][0])
-        return {"vicregl/location_matches": image}
+        m = self.diagnostic_matches(views)
+        agree = float(m["agrees"].float().mean())
+        picture = match_panels(denormalize(m["crops"][0][0]), denormalize(m["crops"][1][0]), *m["grids"], [
+            ("location matches (from the crop geometry)", *m["location"], None),
+            ("feature matches (nearest local embeddings)", *m["feature"], m["agrees"]),
+        ])
+        caption = [f"VICRegL matches at step {self.global_step}: view 1 (left) and view 2 (right) of one image, "
+                   f"{len(m['feature'][0])} matches each",
+                   f"{agree:.0%} of the feature matches lie within one cell of the geometric location"]
+        return {"vicregl/matches": with_caption(picture, caption)}

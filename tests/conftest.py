@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny timm models and a quiet CPU Trainer."""
+"""Shared fixtures: tiny timm models and a quiet CPU Trainer; the ``slow`` marker's switch.
+
+Tests marked ``@pytest.mark.slow`` (more than ~10 s on 2 cores: real training, DDP processes, the quickstart)
+are skipped by a plain local ``pytest``; ``pytest --runslow`` or the environment variable ``CI=true`` runs
+them too (``.ci/run`` and the README's test command pass ``--runslow``).
+"""
 from __future__ import annotations
 
 import os
@@ -12,6 +17,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (CI does; also enabled by the environment CI=true)")
+
+
+def run_slow(config: pytest.Config) -> bool:
+    """Whether this session runs the slow tests: ``--runslow``, or ``CI=true`` in the environment."""
+    return config.getoption("--runslow") or os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (or CI=true)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

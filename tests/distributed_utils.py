@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,5 +30,6 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = (
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = str(Path(tmp) / "init")
-        mp.start_processes(_worker, args=(fn, world_size, init_file, tmp, args), nprocs=world_size, start_method="spawn")
+        mp.start_processes(_worker, args=(fn, world_size, init_file, tmp, args), nprocs=world_size,
+                           start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -1,7 +1,7 @@
 """Every reference vector computed with the official implementations must pass.
 
-The vectors are copied into ``tests/parity_vectors`` so CI needs nothing outside the repository; when the
-shared folder of the project sits beside the checkout, its (possibly newer) vectors run too.
+The vectors live in ``tests/parity_vectors/<method>/`` (one ``.pt`` file per case: the function's dotted name,
+its inputs and the expected outputs with tolerances), so the test needs nothing outside the repository.
 """
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOTS = [HERE / "parity_vectors", HERE.parent.parent / "shared" / "parity"]
+VECTORS = HERE / "parity_vectors"
 
 
 def _vector_files() -> list[Path]:
-    found: dict[str, Path] = {}
-    for root in ROOTS:
-        if root.is_dir():
-            for path in sorted(root.rglob("*.pt")):
-                found.setdefault(f"{path.parent.name}/{path.name}", path)
-    return [found[k] for k in sorted(found)]
+    return sorted(VECTORS.rglob("*.pt"))
 
 
 def _function(dotted: str):
@@ -92,4 +87,6 @@ def test_reference_vector(path: Path) -> None:
 
 
 def test_vectors_are_present() -> None:
-    assert len(_vector_files()) >= 40
+    files = _vector_files()
+    assert len(files) >= 40
+    assert {path.parent.name for path in files} == {"bam", "cribo", "vicregl"}

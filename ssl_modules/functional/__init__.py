@@ -1,8 +1,9 @@
 """Pure tensor math of every method: losses, Sinkhorn, clustering, matching.
 
 Nothing here imports Lightning or holds state: inputs are already gathered across processes, no input is
-changed in place, and results follow the inputs' dtype and device. The contracts and the reference
-vectors computed with the official implementations live in ``shared/parity/<method>/README.md``.
+changed in place, and results follow the inputs' dtype and device. What each function computes, and where
+it follows the official code rather than the paper, is in ``docs/<method>.md``; ``tests/parity_vectors``
+holds reference vectors computed with the official implementations.
 """
 from .bam import *  # noqa: F401,F403
 from .bam import __all__ as _bam_all

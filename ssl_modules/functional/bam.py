@@ -1,5 +1,5 @@
 """BAM functional core: positive masks, the balanced (Sinkhorn) attention target, top-k targets and the
-attention-matching loss (contract: ``shared/parity/bam/README.md``, method: ``shared/spec/bam.md``).
+attention-matching loss (``docs/bam.md``; Shalam and Korman, ECCV 2024).
 
 Layout: a multi-view input is a list of V tensors ``(N, D)``, global crops first. Stacked matrices are
 crop-major (row ``v * N + n`` is crop ``v`` of image ``n``); the columns are the first T crops of every

@@ -1,5 +1,5 @@
 """CrIBo functional core: joint-space clustering, object pooling, memory bank, cycle-consistent retrieval
-and the three losses (contract: ``shared/parity/cribo/README.md``, method: ``shared/spec/cribo.md``).
+and the three losses (``docs/cribo.md``; Lebailly et al., ICLR 2024; official code github.com/tileb1/CrIBo).
 
 All functions are pure (inputs are never changed in place), follow the inputs' dtype and device, and
 never synchronise with the host: no ``.item()``, no boolean indexing, no data-dependent shapes (the one
@@ -134,7 +134,7 @@ def _member_distances(positions: Tensor) -> Tensor:
 
 
 def _positional_cost(member_dist: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
-    """Normalised positional cost ``G`` ``(B, T, K)`` of README §1 step 3.2.
+    """Normalised positional cost ``G`` ``(B, T, K)`` of docs/cribo.md §1.
 
     ``member_dist``: ``(B, T, T)`` from ``_member_distances``; ``labels``: ``(B, T)`` cluster of every token,
     ``K`` for "no cluster" (the tokens that are not an initial centroid in the first round).
@@ -193,7 +193,7 @@ def joint_space_clustering(
     num_iterations: int = 5, sinkhorn_iterations: int = 5, sinkhorn_lambda: float = 20.0,
     update_marginals: bool = True, *, groups: int = 1,
 ) -> dict[str, Tensor]:
-    """Cluster the patch tokens of both views of every image jointly into K objects (README §1).
+    """Cluster the patch tokens of both views of every image jointly into K objects (docs/cribo.md §1).
 
     Args:
         dense: ``[view1, view2]``, each ``(B, N, D)``: the teacher's last-layer patch tokens.
@@ -253,7 +253,7 @@ def _check_pooling_inputs(dense: Sequence[Tensor], labels: Tensor, num_clusters:
 
 @full_precision
 def object_representations(dense: Sequence[Tensor], labels: Tensor, num_clusters: int) -> dict[str, Tensor]:
-    """Mean token of every (view, image, cluster) and the clusters present in both views (README §2).
+    """Mean token of every (view, image, cluster) and the clusters present in both views (docs/cribo.md §2).
 
     Args:
         dense: ``[view1, view2]``, each ``(B, N, D)`` (teacher or student last-layer patch tokens).
@@ -329,7 +329,7 @@ def cycle_consistent_neighbours(
     queries: Tensor, bank: Tensor, normalize_bank: bool = True, *, query_valid: Tensor | None = None,
     bank_valid: Tensor | None = None, query_groups: Tensor | None = None, chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
-    """Nearest bank neighbour of every teacher object and the cycle-consistency mask (README §3).
+    """Nearest bank neighbour of every teacher object and the cycle-consistency mask (docs/cribo.md §3).
 
     Args:
         queries: ``(2, M, D)`` raw teacher objects (view 1, view 2; row m = the same object).
@@ -423,7 +423,7 @@ def _check_padded_enqueue_inputs(bank: Tensor, counts: Tensor, objects: Tensor, 
 
 
 def memory_bank_enqueue(bank: Tensor, counts: Tensor, objects: Tensor, objects_per_image: Tensor) -> dict[str, Tensor]:
-    """FIFO update of the image-organised object memory bank (README §4).
+    """FIFO update of the image-organised object memory bank (docs/cribo.md §4).
 
     Args:
         bank: ``(2, C, D)`` raw teacher objects, newest first; rows ``[0, counts.sum())`` are valid.
@@ -527,7 +527,7 @@ def cribo_global_loss(
     student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, teacher_temp: float,
     student_temp: float = 0.1,
 ) -> Tensor:
-    """DINO-style cross-view loss on the CLS-head logits (README §5).
+    """DINO-style cross-view loss on the CLS-head logits (docs/cribo.md §5).
 
     Args:
         student: V >= 2 tensors ``(B, L)``, the two global views first, then local views.
@@ -578,7 +578,7 @@ def cribo_cross_image_loss(
     student: Sequence[Tensor], neighbours: Sequence[Tensor], mask: Tensor, center: Tensor, teacher_temp: float,
     student_temp: float = 0.1, *, valid: Tensor | None = None,
 ) -> Tensor:
-    """Cross-image object loss with the cycle-consistent bank neighbours (README §5).
+    """Cross-image object loss with the cycle-consistent bank neighbours (docs/cribo.md §5).
 
     Args:
         student: ``[view1, view2]`` student object-head logits ``(M, L)``.
@@ -614,7 +614,7 @@ def cribo_loss(
     object_center: Tensor, teacher_temp: float, object_teacher_temp: float, student_temp: float = 0.1,
     object_student_temp: float = 0.1, cross_image: bool = True, *, object_valid: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The CrIBo objective: global + object + cross-image losses, unweighted (README §5).
+    """The CrIBo objective: global + object + cross-image losses, unweighted (docs/cribo.md §5).
 
     ``cross_image=False`` (the official first epoch) makes the cross-image term a constant 0.
     ``object_valid``: optional ``(M,)`` bool for padded object rows, passed to both object losses.

@@ -1,5 +1,5 @@
 """VICRegL functional core: the VICReg criterion on pooled embeddings (global) and on matched feature-map
-cells (local), with location- and feature-based matching (contract: ``shared/parity/vicregl/README.md``).
+cells (local), with location- and feature-based matching (``docs/vicregl.md``).
 
 Every function takes the global batch. For DDP, ``vicregl_global_loss``, ``vicregl_local_loss`` and
 ``vicregl_loss`` accept an optional ``gather`` callable, applied to every batch-major tensor right before

@@ -7,26 +7,24 @@ crop mirrors its columns when ``flip_aware`` is true.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .. import functional as F
+from ..contracts import Views
 
-if TYPE_CHECKING:
-    from datamodules import Views
 
 __all__ = ["cell_locations", "all_cell_locations", "match_cells"]
 
 
-def cell_locations(views: "Views", view: int, grid: Sequence[int], flip_aware: bool = True) -> Tensor:
+def cell_locations(views: Views, view: int, grid: Sequence[int], flip_aware: bool = True) -> Tensor:
     """``(B, h * w, 2)`` seed-image ``(y, x)`` pixel locations of the cells of view ``view``, row-major."""
     boxes = views.pixel_boxes()[:, view]
     flipped = views.flipped[:, view] if flip_aware else None
     return F.feature_cell_locations(boxes, tuple(grid), flipped)
 
 
-def all_cell_locations(views: "Views", grids: Sequence[Sequence[int]], flip_aware: bool = True) -> list[Tensor]:
+def all_cell_locations(views: Views, grids: Sequence[Sequence[int]], flip_aware: bool = True) -> list[Tensor]:
     """Locations of every view's cells; ``grids[v]`` is view ``v``'s feature grid."""
     if len(grids) != views.num_views:
         raise ValueError(f"got {len(grids)} grids for {views.num_views} views")

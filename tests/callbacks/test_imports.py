@@ -2,8 +2,8 @@
 import subprocess
 import sys
 
-ALLOWED = {"ssl_modules", "ssl_modules.distributed", "ssl_modules.backbones", "ssl_modules.visualize",
-           "ssl_modules.evaluation", "ssl_modules.evaluation.search",
+ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.distributed", "ssl_modules.backbones",
+           "ssl_modules.visualize", "ssl_modules.evaluation", "ssl_modules.evaluation.search",
            "datamodules", "datamodules.views"}
 
 

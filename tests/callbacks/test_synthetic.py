@@ -11,14 +11,14 @@ from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VOCSegme
 datamodules = pytest.importorskip("datamodules")
 
 LOADER = dict(batch_size=8, num_workers=0, eval_size=32)
+SCENE = datamodules.SceneConfig(image_size=48, num_classes=4, num_train=40, num_val=16)
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     views = datamodules.MultiCropViews.preset("bam", global_size=32, local_size=16, n_local=2)
     return datamodules.SyntheticScenesDataModule(
-        root=str(tmp_path_factory.mktemp("scenes")), image_size=48, num_object_classes=4, num_train=40,
-        num_val=16, generation_workers=1, views=views, **LOADER)
+        root=str(tmp_path_factory.mktemp("scenes")), scene=SCENE, generation_workers=1, views=views, **LOADER)
 
 
 def probes() -> list[pl.Callback]:
@@ -46,8 +46,7 @@ def test_segmentation_probes_read_a_voc_folder_given_as_their_data(scenes):
     scenes.prepare_data()
     voc_data = datamodules.VOCSegmentationDataModule(root=str(scenes.voc_root), num_seg_classes=5, **LOADER)
     callbacks = segmentation_probes(voc_data)
-    coco = datamodules.SyntheticScenesDataModule(root=str(scenes.cache_root), layout="coco", image_size=48,
-                                                 num_object_classes=4, num_train=40, num_val=16,
+    coco = datamodules.SyntheticScenesDataModule(root=str(scenes.cache_root), layout="coco", scene=SCENE,
                                                  views=scenes.views, **LOADER)
     trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(max_epochs=1))
     trainer.fit(ColourFeatures(), datamodule=coco)

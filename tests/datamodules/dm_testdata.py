@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules import MultiCropViews, SyntheticScenesDataModule
+from datamodules import MultiCropViews, SceneConfig, SyntheticScenesDataModule
 
 NUM_CLASSES = 4
 NUM_TRAIN = 40
@@ -28,8 +28,8 @@ def tiny_views(**overrides) -> MultiCropViews:
 
 def synthetic_module(root: Path, **overrides) -> SyntheticScenesDataModule:
     """A SyntheticScenesDataModule of 48 px images, 4 classes, 40 + 16 images, 2 loader workers."""
-    kwargs = dict(root=str(root), image_size=48, num_object_classes=NUM_CLASSES, num_train=NUM_TRAIN,
-                  num_val=NUM_VAL, generation_workers=1, batch_size=8, num_workers=2, views=tiny_views(),
+    scene = SceneConfig(image_size=48, num_classes=NUM_CLASSES, num_train=NUM_TRAIN, num_val=NUM_VAL)
+    kwargs = dict(root=str(root), scene=scene, generation_workers=1, batch_size=8, num_workers=2, views=tiny_views(),
                   eval_size=32)
     kwargs.update(overrides)
     return SyntheticScenesDataModule(**kwargs)

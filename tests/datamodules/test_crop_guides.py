@@ -128,7 +128,7 @@ def test_persistent_workers_see_guide_updates(tmp_path):
     guide = [0.55, 0.15, 0.75, 0.4]
 
     def epoch_inside() -> torch.Tensor:
-        return torch.cat([local_centres_inside(batch, guide) for batch in loader])
+        return torch.cat([local_centres_inside(batch, guide) for batch in loader])  # noqa: F821  (deleted after use)
 
     assert not epoch_inside().all()  # RandomResizedCrop: crops anywhere
     dataset.set_crop_guides(torch.tensor([guide]).repeat(8, 1), alpha=0.6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,8 +16,8 @@ from dm_testdata import (NUM_CLASSES, NUM_TRAIN, NUM_VAL, copy_voc, random_rgb, 
 from PIL import Image
 
 from datamodules import (COCODataModule, ImageFolderDataModule, ImageNetDataModule, LayoutError, MultiCropViews,
-                         SyntheticScenesDataModule, UnknownMaskValueError, Views, VOCSegmentationDataModule,
-                         read_mask)
+                         SceneConfig, SyntheticScenesDataModule, UnknownMaskValueError, Views,
+                         VOCSegmentationDataModule, read_mask)
 from datamodules.reading import list_images
 from ssl_modules.base import SSLModule
 
@@ -218,10 +219,11 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_generation_is_deterministic_cached_and_atomic(tmp_path, monkeypatch):
-    small = dict(image_size=32, num_object_classes=3, num_train=6, num_val=3, **LOADER)
+    scene = SceneConfig(image_size=32, num_classes=3, num_train=6, num_val=3)
+    small = dict(scene=scene, **LOADER)
     first = SyntheticScenesDataModule(root=str(tmp_path / "a"), **small)
     second = SyntheticScenesDataModule(root=str(tmp_path / "b"), generation_workers=1, **small)
-    other_seed = SyntheticScenesDataModule(root=str(tmp_path / "c"), seed=1, **small)
+    other_seed = SyntheticScenesDataModule(root=str(tmp_path / "c"), scene=replace(scene, seed=1), **LOADER)
     for module in (first, second, other_seed):
         module.prepare_data()
     assert tree_bytes(first.data_dir) == tree_bytes(second.data_dir)  # 2 processes == 1 process, same bytes
@@ -242,8 +244,8 @@ def test_generation_is_deterministic_cached_and_atomic(tmp_path, monkeypatch):
 
 def test_colour_alone_does_not_tell_the_class(tmp_path):
     """A classifier on per-image colour histograms is at chance; on the masks' class areas it is not."""
-    module = SyntheticScenesDataModule(root=str(tmp_path), image_size=40, num_object_classes=4, num_train=320,
-                                       num_val=160)
+    module = SyntheticScenesDataModule(root=str(tmp_path),
+                                       scene=SceneConfig(image_size=40, num_classes=4, num_train=320, num_val=160))
     module.prepare_data()
 
     def features(split):
@@ -315,12 +317,14 @@ def test_cli_builds_the_datamodules_from_a_config(tmp_path):
     parser = ArgumentParser()
     parser.add_class_arguments(SyntheticScenesDataModule, "data")
     config = parser.parse_object({"data": {
-        "root": str(tmp_path), "num_train": 8, "batch_size": 4, "num_workers": 0, "layout": "coco",
+        "root": str(tmp_path), "scene": {"num_train": 8, "image_size": 40}, "batch_size": 4, "num_workers": 0,
+        "layout": "coco",
         "views": {"class_path": "datamodules.MultiCropViews", "init_args": {"global_size": 32, "n_local": 2}},
     }})
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     module = instantiate(config).data
     assert isinstance(module, SyntheticScenesDataModule) and module.batch_size == 4 and module.layout == "coco"
+    assert module.scene == SceneConfig(num_train=8, image_size=40)  # the scene is one typed argument
     assert isinstance(module.views, MultiCropViews) and module.views.sizes == [32, 32, 96, 96]
     config = parser.parse_object({"data": {"root": str(tmp_path), "views": "vicregl_convnext"}})
     assert instantiate(config).data.views.sizes == [64, 64] + [32] * 6  # preset at crop_sizes
@@ -381,7 +385,7 @@ def test_impossible_datamodule_settings(scenes):
     with pytest.raises(ValueError, match="batch_size"):
         ImageNetDataModule(str(scenes.imagenet_root), batch_size=0)
     with pytest.raises(ValueError, match="num_classes"):
-        SyntheticScenesDataModule(num_object_classes=1)
+        SyntheticScenesDataModule(scene=dict(num_classes=1))
     with pytest.raises(ValueError, match="unknown views preset"):
         ImageNetDataModule(str(scenes.imagenet_root), views="simclr")
     with pytest.raises(ValueError, match="image_filter"):

@@ -73,7 +73,8 @@ def test_generated_objects_cover_the_configured_share_of_the_image(tmp_path):
     from PIL import Image
 
     from datamodules.synthetic import generate_scenes
-    config = SceneConfig(image_size=64, num_classes=4, num_train=8, num_val=1, objects=(1, 1), dominant_area=(0.08, 0.12))
+    config = SceneConfig(image_size=64, num_classes=4, num_train=8, num_val=1, objects=(1, 1),
+                         dominant_area=(0.08, 0.12))
     generate_scenes(config, tmp_path)
     masks = sorted((tmp_path / "voc" / "VOC2012" / "SegmentationClass").glob("*.png"))
     assert len(masks) == 9

@@ -210,3 +210,42 @@ def test_eval_transforms():
     assert set(mask_out.unique().tolist()) <= {0, 7, 255}  # nearest: no blended labels
     assert (mask_out[:, :12] == 0).all() and (mask_out[:, 18:] == 7).all()  # centre crop of the 45 px mark
     assert isinstance(ViewSample([], torch.zeros(0, 4), torch.zeros(0), torch.zeros(2)), tuple)
+
+
+# ------------------------------------------------------------------------------------------ Views.select
+
+def _numbered_views(batch: int = 4, views: int = 3) -> Views:
+    """A batch whose every field tells which image (and crop) it belongs to."""
+    crops = [torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, 4, 4) + 10 * v
+             for v in range(views)]
+    boxes = torch.arange(batch * views * 4, dtype=torch.float32).view(batch, views, 4)
+    flipped = (torch.arange(batch * views) % 2 == 0).view(batch, views)
+    return Views(crops, boxes, flipped, torch.arange(batch * 2, dtype=torch.float32).view(batch, 2),
+                 torch.arange(batch), torch.arange(batch) + 100)
+
+
+def test_select_cuts_every_field_to_the_chosen_images_and_crops():
+    views = _numbered_views()
+    sub = views.select([3, 1], views=[0, 2])
+    assert sub.batch_size == 2 and sub.num_views == 2
+    assert [c[:, 0, 0, 0].tolist() for c in sub.crops] == [[3.0, 1.0], [23.0, 21.0]]
+    torch.testing.assert_close(sub.boxes, views.boxes[[3, 1]][:, [0, 2]])
+    assert torch.equal(sub.flipped, views.flipped[[3, 1]][:, [0, 2]])
+    assert sub.label.tolist() == [3, 1] and sub.index.tolist() == [103, 101]
+    assert sub.image_size.tolist() == [[6.0, 7.0], [2.0, 3.0]]
+
+
+def test_select_of_one_image_keeps_the_batch_dimension_and_slices_work():
+    views = _numbered_views()
+    one = views.select(-1)
+    assert one.batch_size == 1 and one.index.tolist() == [103] and one.crops[0].shape == (1, 3, 4, 4)
+    head = views.select(slice(0, 2), views=slice(0, 2))
+    assert head.index.tolist() == [100, 101] and head.boxes.shape == (2, 2, 4)
+
+
+def test_select_out_of_range_is_a_clear_error():
+    views = _numbered_views()
+    with pytest.raises(IndexError, match="4 images"):
+        views.select(4)
+    with pytest.raises(IndexError, match="3 crops"):
+        views.select(0, views=[3])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "examples" / "configs"
@@ -60,3 +61,18 @@ def run_python(args: list[str], timeout: float = 600) -> subprocess.CompletedPro
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def quick_probes_config(tmp_path: Path, path: Path = CONFIGS / "quickstart.yaml") -> Path:
+    """A copy of a config (the quickstart by default) whose probes train briefly: tests check that they run,
+    not how well."""
+    config = yaml.safe_load(path.read_text())
+    for callback in config["trainer"].get("callbacks") or []:
+        args = callback.setdefault("init_args", {})
+        if "steps" in args:
+            args["steps"] = 20
+        if "validate_steps" in args:
+            args["validate_steps"] = 20
+    quick = tmp_path / f"quick_{path.name}"
+    quick.write_text(yaml.safe_dump(config))
+    return quick

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from example_testkit import all_configs, config_id, paper_configs, resolve, synthetic_root, tiny_configs  # noqa: F401
+from example_testkit import (all_configs, config_id, paper_configs, quick_probes_config, resolve,  # noqa: F401
+                             synthetic_root, tiny_configs)
 from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 
@@ -159,7 +160,7 @@ model:
   init_args: {backbone: convnext_atto, num_matches: [2, 1], expander_widths: 64-64-64, projector_widths: 32-32-32}
 data:
   class_path: datamodules.SyntheticScenesDataModule
-  init_args: {image_size: 64, views: vicregl_convnext, crop_sizes: [64, 64], batch_size: 8, num_workers: 0}
+  init_args: {scene: {image_size: 64}, views: vicregl_convnext, crop_sizes: [64, 64], batch_size: 8, num_workers: 0}
 """
 
 
@@ -172,14 +173,15 @@ def test_cpu_config_trains_two_steps_through_the_cli(path, synthetic_root, tmp_p
     if path is None:
         path = tmp_path / "fallback_tiny.yaml"
         path.write_text(FALLBACK_TINY)
+    path = quick_probes_config(tmp_path, path)  # the test checks that the probes run, not how well they train
     config = load(path)
     overrides = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu",
                  "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"]
     if resolve(config["data"]["class_path"]).__name__ == "SyntheticScenesDataModule":
         batch = int((config["data"].get("init_args") or {}).get("batch_size", 64))
-        overrides += ["--data.init_args.root", str(synthetic_root), "--data.init_args.num_train", str(2 * batch),
-                      "--data.init_args.num_val", "16", "--data.init_args.num_workers", "0"]
+        overrides += ["--data.init_args.root", str(synthetic_root), "--data.init_args.scene.num_train",
+                      str(2 * batch), "--data.init_args.scene.num_val", "16", "--data.init_args.num_workers", "0"]
     monkeypatch.setattr(sys, "argv", ["ssl_modules"])
     cli = run_cli(["fit", "--config", str(path), *overrides])
     assert cli.trainer.global_step == 2

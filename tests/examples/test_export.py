@@ -66,11 +66,12 @@ model:
   init_args: {backbone: convnext_atto, num_matches: [2, 1], expander_widths: 32-32-32, projector_widths: 16-16-16}
 data:
   class_path: SyntheticScenesDataModule
-  init_args: {image_size: 64, num_train: 32, num_val: 8, views: vicregl_resnet, crop_sizes: [64, 32],
+  init_args: {scene: {image_size: 64, num_train: 32, num_val: 8}, views: vicregl_resnet, crop_sizes: [64, 32],
               batch_size: 8, num_workers: 0, eval_size: 64}
 """
 
 
+@pytest.mark.slow
 def test_cli_fit_under_ddp_then_cli_export_load_into_timm(synthetic_root, tmp_path):  # noqa: F811
     config = tmp_path / "config.yaml"
     config.write_text(CLI_CONFIG)

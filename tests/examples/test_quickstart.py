@@ -5,27 +5,13 @@ import re
 import sys
 
 import pytest
-import yaml
 
-from example_testkit import CONFIGS, synthetic_root  # noqa: F401  (fixture)
+from example_testkit import CONFIGS, quick_probes_config, synthetic_root  # noqa: F401  (fixture)
 from ssl_modules.cli import main, probe_report
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
-SMALL_DATA = ["--data.init_args.num_train", "96", "--data.init_args.num_val", "32", "--data.init_args.num_workers", "0"]
-
-
-def quick_probes_config(tmp_path):
-    """The quickstart config with its probes' training shortened (the test checks that they run, not how well)."""
-    config = yaml.safe_load(QUICKSTART.read_text())
-    for callback in config["trainer"]["callbacks"]:
-        args = callback.setdefault("init_args", {})
-        if "steps" in args:
-            args["steps"] = 20
-        if "validate_steps" in args:
-            args["validate_steps"] = 20
-    path = tmp_path / "quickstart.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+SMALL_DATA = ["--data.init_args.scene.num_train", "96", "--data.init_args.scene.num_val", "32",
+              "--data.init_args.num_workers", "0"]
 
 
 def _validate(extra, root, tmp_path, capsys, monkeypatch):

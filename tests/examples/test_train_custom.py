@@ -41,6 +41,7 @@ def printed_metrics(stdout: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(pattern, stdout, re.M)}
 
 
+@pytest.mark.slow
 def test_train_custom_runs_ddp_on_two_cpu_processes(synthetic_root, tmp_path):  # noqa: F811
     steps, warmup = 3, 10
     result = run_python([str(SCRIPT), "--devices", "2", "--accelerator", "cpu", "--max-steps", str(steps),

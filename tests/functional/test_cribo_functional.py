@@ -1,5 +1,4 @@
 """CrIBo functional core beyond the reference vectors: loop references, edge cases, shape-static variants."""
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ F64 = torch.float64
 
 # ------------------------------------------------------------------------------------- references
 def _loop_positional_cost(positions, labels, k):
-    """README §1 step 3.2, literally, with float64 loops (labels == k means "member of no cluster")."""
+    """docs/cribo.md §1 (official code), literally, with float64 loops (labels == k means "member of no cluster")."""
     b_size, t_size, _ = positions.shape
     out = torch.zeros(b_size, t_size, k, dtype=F64)
     for b in range(b_size):

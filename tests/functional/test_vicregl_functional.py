@@ -1,6 +1,6 @@
 """Unit tests of the VICRegL functional core (the reference vectors run in tests/test_parity_vectors.py).
 
-The loop references below follow the formulas of shared/parity/vicregl/README.md literally, one image and
+The loop references below follow the formulas of docs/vicregl.md and the official code literally, one image and
 one slot at a time, in float64.
 """
 from __future__ import annotations

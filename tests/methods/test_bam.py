@@ -1,4 +1,3 @@
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -93,7 +92,8 @@ def _bam_rank(rank, world_size, full_views, teacher, seed):
     loss = module.training_step(views, 0)["loss"]
     loss.backward()
     mean_loss = distributed.all_reduce(loss.detach(), "sum") / world_size
-    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}
+    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size
+             for n, p in module.named_parameters() if p.grad is not None}
     return mean_loss, grads
 
 

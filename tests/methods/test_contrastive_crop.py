@@ -220,8 +220,8 @@ def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, l
     updates = spy_updates(resumed)
     with pytest.warns(UserWarning, match="box update of epoch 1 is missing"):
         strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
-        pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder], strategy=strategy)).fit(
-            resumed, data, ckpt_path=path)
+        kwargs = quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder], strategy=strategy)
+        pl.Trainer(**kwargs).fit(resumed, data, ckpt_path=path)
     torch.testing.assert_close(recorder.guides[2], first.crop_boxes)  # the callback runs before the catch-up
     assert [epoch for epoch, _ in updates] == [1]
     torch.testing.assert_close(data.crop_guides, updates[0][1])

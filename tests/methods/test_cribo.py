@@ -113,7 +113,8 @@ def _cribo_rank(rank, world_size, full_views, group):
     loss.backward()
     assert logged["cross_image_loss"] > 0 and logged["cycle_consistent_ratio"] > 0.5
     mean_loss = distributed.all_reduce(loss.detach(), "sum") / world_size
-    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}
+    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size
+             for n, p in module.named_parameters() if p.grad is not None}
     bank = module.memory_bank.logical()
     return mean_loss, grads, bank["bank"], bank["counts"], module.center.clone(), module.object_center.clone()
 

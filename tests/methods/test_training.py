@@ -107,6 +107,7 @@ def vicregl_global_embedding_std(module, views) -> float:
     return per_dimension_std(module.expander(module(views.crops[0]).global_))
 
 
+@pytest.mark.slow
 def test_vicregl_tiny_config_learns_without_collapse(data_root, tmp_path, monkeypatch, one_thread):
     record = train("vicregl", vicregl_global_embedding_std, data_root, tmp_path, monkeypatch)
     loss = record.series("train/loss")
@@ -126,6 +127,7 @@ def bam_teacher_embedding_std(module, views) -> float:
     return per_dimension_std(F.normalize(z, dim=-1)) * math.sqrt(z.shape[-1])
 
 
+@pytest.mark.slow
 def test_bam_tiny_config_sharpens_its_attention_without_collapse(data_root, tmp_path, monkeypatch, one_thread):
     record = train("bam", bam_teacher_embedding_std, data_root, tmp_path, monkeypatch)
     loss, entropy = record.series("train/loss"), record.series("train/attention_entropy")
@@ -150,6 +152,7 @@ def cribo_teacher_feature_std(module, views) -> float:
     return per_dimension_std(F.normalize(features, dim=-1)) * math.sqrt(features.shape[-1])
 
 
+@pytest.mark.slow
 def test_cribo_tiny_config_learns_and_finds_cycle_consistent_matches(data_root, tmp_path, monkeypatch, one_thread):
     record = train("cribo", cribo_teacher_feature_std, data_root, tmp_path, monkeypatch)
     loss, objects = record.series("train/loss"), record.series("train/object_loss")
@@ -164,7 +167,8 @@ def test_cribo_tiny_config_learns_and_finds_cycle_consistent_matches(data_root, 
           f"cycle-consistent ratio {first_ratio:.3f} -> {late_ratio:.3f}, "
           f"teacher feature std x sqrt(C) {record.probe_summary()}")
     assert late_loss < early_loss - 0.8, f"the CrIBo loss did not fall: {early_loss:.2f} -> {late_loss:.2f}"
-    assert late_objects < early_objects - 0.5, f"the object loss did not fall: {early_objects:.2f} -> {late_objects:.2f}"
+    assert late_objects < early_objects - 0.5, \
+        f"the object loss did not fall: {early_objects:.2f} -> {late_objects:.2f}"
     assert first_ratio < 0.05, f"the random initial bank gave {first_ratio:.3f} cycle-consistent matches, not chance"
     assert late_ratio > 0.15, f"too few cycle-consistent matches: {late_ratio:.3f} of the objects (floor 0.15)"
     assert min(record.probes) > 0.4, (

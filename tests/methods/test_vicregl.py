@@ -128,7 +128,8 @@ def _vicregl_rank(rank, world_size, full_views, seed):
                                 label=full_views.label[part], index=full_views.index[part])
     loss = module.training_step(views, 0)["loss"]
     loss.backward()
-    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size for n, p in module.named_parameters() if p.grad is not None}
+    grads = {n: distributed.all_reduce(p.grad, "sum") / world_size
+             for n, p in module.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 

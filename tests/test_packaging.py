@@ -1,0 +1,49 @@
+"""What a fresh clone and CI rely on: one test command, typed packages, the slow marker, working floors."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PACKAGES = ("ssl_modules", "datamodules", "callbacks")
+
+
+def _readme_test_command() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"what `\.ci/run` runs\):\s*```bash\n(.+?)\n```", text, re.S)
+    assert match, "README.md must show the test command in a bash block after 'what `.ci/run` runs):'"
+    return match.group(1).strip()
+
+
+def test_readme_and_ci_run_the_same_command_with_ruff_and_the_slow_tests():
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and line[0] not in "#"]
+    command = _readme_test_command()
+    assert command == ci_lines[-1]
+    assert "ruff check" in command and "--runslow" in command
+
+
+def test_every_package_ships_py_typed():
+    data = PYPROJECT["tool"]["setuptools"]["package-data"]
+    for package in PACKAGES:
+        assert (REPO / package / "py.typed").is_file(), package
+        assert "py.typed" in data[package], package
+
+
+def test_the_slow_marker_is_registered_and_ruff_is_in_the_test_extras():
+    options = PYPROJECT["tool"]["pytest"]["ini_options"]
+    assert any(marker.startswith("slow:") for marker in options["markers"])
+    assert any(dep.startswith("ruff") for dep in PYPROJECT["project"]["optional-dependencies"]["test"])
+    assert PYPROJECT["tool"]["ruff"]["line-length"] == 120
+
+
+def test_the_version_floors_cover_the_apis_the_code_uses():
+    floors = dict(re.match(r"([\w\[\].-]+?)(?:\[.*\])?>=([\d.]+)", dep).groups()
+                  for dep in PYPROJECT["project"]["dependencies"])
+    as_tuple = lambda version: tuple(int(p) for p in version.split("."))  # noqa: E731
+    assert as_tuple(floors["torch"]) >= (2, 6)  # torch.accelerator
+    assert as_tuple(floors["torchvision"]) >= (0, 21)  # public v2 Transform.make_params / transform
