@@ -1,7 +1,7 @@
 """One command for the speed and memory of every method at its paper shapes, on one GPU.
 
-    python benchmarks/gpu_suite.py                      # paper shapes, bf16-mixed, on the GPU (< 8 min on one H200-class GPU)
-    python benchmarks/gpu_suite.py --smoke              # tiny shapes on the CPU (what the test suite runs)
+    python benchmarks/gpu_suite.py                # paper shapes, bf16-mixed, on the GPU (< 8 min on one H200-class GPU)
+    python benchmarks/gpu_suite.py --smoke        # tiny shapes on the CPU (what the test suite runs)
     python benchmarks/gpu_suite.py --cases cribo_vit_s16 --json out.json
 
 For each case: the full training step inside a ``Trainer`` (forward, losses, backward, optimizer step, EMA),

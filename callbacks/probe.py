@@ -67,7 +67,7 @@ class Probe(Callback):
         self._resolved: Any = None
 
     @classmethod
-    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> "Probe":
+    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> Probe:
         """The paper-protocol version of this probe: a ``PaperProtocolProbe`` running ``evaluate``'s
         protocol (``docs/evaluation.md``) with ``preset``; ``kwargs`` go to ``PaperProtocolProbe``."""
         if cls.paper_protocol_name is None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .datasets import ImageFiles, MultiCropImages
 from .resumable import ResumableDataLoader, ResumableSampler
 from .transforms import EvalTransform, ResizeTransform
-from .views import MultiCropViews, Views, collate_views
+from .views import MultiCropViews, collate_views
 
 __all__ = ["ImageList", "PretrainDataModule", "ClassificationDataMixin", "LayoutError"]
 
@@ -65,7 +65,8 @@ class PretrainDataModule(pl.LightningDataModule):
 
     Subclasses say where their images are (``train_images``; ``eval_images`` for labelled splits). Training
     batches are ``Views``; their crops travel as uint8 and the ``SSLModule`` normalises them in its
-    ``on_after_batch_transfer``, i.e. on the training device (with its ``mean``/``std``), unless ``normalize_on="worker"``. Why: float crops are 4x the bytes to pass
+    ``on_after_batch_transfer``, i.e. on the training device (with its ``mean``/``std``), unless
+    ``normalize_on="worker"``. Why: float crops are 4x the bytes to pass
     from the workers, to pin and to copy to the GPU (BAM's 224/96 recipe, 32 images: 57 MiB instead of
     14 MiB), and a 2-worker CPU loader delivered 146 instead of 116 images/s with uint8 crops
     (``benchmarks/views_throughput.py --loader``); on a GPU the conversion costs microseconds. Loaders used

@@ -230,7 +230,8 @@ def contrastive_crop_params(
     ratio). The position follows the guide box ``(y0, x0, y1, x1)`` (normalised): the top edge runs from
     ``int(height * y0) - h // 2`` to ``int(height * y1) - h // 2`` (both clamped to ``[0, height - h]``), and is
     ``start + int((end - start) * u)`` with ``u ~ Beta(alpha, alpha)``; the left edge the same way with its
-    own draw; every draw comes from ``generator`` (the global RNG for None). So the crop's centre lies in the box (to a pixel) unless the crop is pushed in from the image
+    own draw; every draw comes from ``generator`` (the global RNG for None). So the crop's centre lies in the
+    box (to a pixel) unless the crop is pushed in from the image
     border; ``alpha < 1`` favours the box sides.
     """
     size = _random_crop_size(height, width, scale, ratio, generator)

@@ -44,7 +44,7 @@ class _ModelKind(NamedTuple):
     dynamic_img_size: bool  # the class takes ``dynamic_img_size`` (one model for crops of several sizes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_kind(name: str) -> _ModelKind:
     check_model_name(name)
     try:
@@ -249,7 +249,8 @@ class Backbone(nn.Module):
         """The dense NCHW map: the model's final output when that is already a map of the model's width
         (CNNs: EfficientNet's head convolution comes after the last block), else the last block's
         output that timm reshaped (ViT tokens without the prefix, Swin's NHWC)."""
-        if final.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NCHW" and final.shape[1] == self.num_features:
+        if (final.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NCHW"
+                and final.shape[1] == self.num_features):
             return final
         if last_block.shape[1] != self.num_features:
             raise ValueError(f"{self.name}: the last block gives {last_block.shape[1]} channels, the model's "

@@ -115,7 +115,8 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
             ("ema_momentum", ema_momentum, "in [0, 1]"), ("softmax_temperature", softmax_temperature, "> 0"),
             ("sinkhorn_temperature", sinkhorn_temperature, "> 0"),
             ("sinkhorn_temperature_final", sinkhorn_temperature_final, "> 0"),
-            ("sinkhorn_warmup_epochs", sinkhorn_warmup_epochs, ">= 0"), ("num_sinkhorn_iters", num_sinkhorn_iters, ">= 0"),
+            ("sinkhorn_warmup_epochs", sinkhorn_warmup_epochs, ">= 0"),
+            ("num_sinkhorn_iters", num_sinkhorn_iters, ">= 0"),
             ("top_k", top_k, ">= 0"),
         ])
         for value in (sinkhorn_temperature, sinkhorn_temperature_final):

@@ -81,7 +81,8 @@ def _backbone_keys(ours: str, backbone: Backbone, official: str) -> dict[str, st
 
 def _cribo_keys(module: SSLModule) -> dict[str, Key]:
     keys: dict[str, Key] = {}
-    teacher_wrap = "module." if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.head.modules()) else ""
+    teacher_wrap = ("module." if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.head.modules())
+                    else "")
     for entry, ours, wrap in (("student", "", "module."), ("teacher", "teacher.", teacher_wrap)):
         backbone = module.backbone if entry == "student" else module.teacher["backbone"]
         head = module.head if entry == "student" else module.teacher["head"]
@@ -205,7 +206,8 @@ def load_official_state(module: SSLModule, checkpoint: dict[str, Any]) -> None:
         raise ValueError(
             f"the official {method} checkpoint does not fit this {type(module).__name__}: "
             f"missing {_show(missing) or 'nothing'}; unexpected {_show(extra) or 'nothing'}. Build the module "
-            "with the checkpoint's architecture (backbone name and backbone_kwargs, head widths) or pick the right method")
+            "with the checkpoint's architecture (backbone name and backbone_kwargs, head widths) "
+            "or pick the right method")
     ours = module.state_dict()
     state, wrong = {}, []
     for our_key, key in mapping.items():

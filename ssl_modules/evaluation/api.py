@@ -27,12 +27,14 @@ __all__ = ["PROTOCOLS", "PRESETS", "ProtocolResult", "EvaluationReport", "evalua
 PROTOCOLS = ("knn", "linear", "voc-linear", "hummingbird")
 # protocol -> preset -> (paper table it reproduces). The first preset is the default.
 PRESETS: dict[str, dict[str, str]] = {
-    "knn": {"dino": "DINO (Caron et al. 2021) ImageNet table, k-NN column; eval_knn.py: full train bank, k 10/20/100/200, "
+    "knn": {"dino": "DINO (Caron et al. 2021) ImageNet table, k-NN column; eval_knn.py: full train bank, "
+                    "k 10/20/100/200, "
                     "T 0.07 (BAM's and CrIBo's ImageNet k-NN results use the same protocol, k 20)"},
     "linear": {name: settings.paper for name, settings in LINEAR_PRESETS.items()},
     "voc-linear": {name: settings.paper for name, settings in VOC_LINEAR_PRESETS.items()},
     "hummingbird": {
-        "open-hb": "CrIBo (Lebailly et al. 2024) dense nearest-neighbour retrieval table (Pascal VOC); open-hummingbird-eval's README protocol: "
+        "open-hb": "CrIBo (Lebailly et al. 2024) dense nearest-neighbour retrieval table (Pascal VOC); "
+                   "open-hummingbird-eval's README protocol: "
                    "512 px squash, memory 10.24M patches, 2 augmented passes, k 30, T 0.02, Hungarian mIoU",
         "open-hb-exact": "as open-hb, with open-hummingbird-eval's std typo (0.229, 0.224, 0.255)",
     },

@@ -8,16 +8,18 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-_EXAMPLES = """\
-examples (one per paper result; docs/evaluation.md):
-  k-NN (DINO / BAM / CrIBo ImageNet):   evaluate run/backbone.pt --protocols knn --imagenet /data/imagenet
-  linear (BAM ImageNet):                evaluate last.ckpt --protocols linear --preset linear=bam --imagenet /data/imagenet
-  VOC linear segmentation (CrIBo):      evaluate last.ckpt --protocols voc-linear --preset voc-linear=cribo --voc /data/VOCdevkit
-  Hummingbird retrieval (CrIBo):        evaluate last.ckpt --protocols hummingbird --voc /data/VOCdevkit
-  several protocols, one extraction:      evaluate last.ckpt --protocols knn linear --imagenet /data/imagenet
-  fewer epochs:                           ... --set linear.epochs=10 --set hummingbird.memory_size=1024000
-  many GPUs:                              torchrun --nproc_per_node 8 -m ssl_modules evaluate ...
-"""
+_EXAMPLES = (
+    "examples (one per paper result; docs/evaluation.md):\n"
+    "  k-NN (DINO / BAM / CrIBo ImageNet):   evaluate run/backbone.pt --protocols knn --imagenet /data/imagenet\n"
+    "  linear (BAM ImageNet):                evaluate last.ckpt --protocols linear --preset linear=bam"
+    " --imagenet /data/imagenet\n"
+    "  VOC linear segmentation (CrIBo):      evaluate last.ckpt --protocols voc-linear --preset voc-linear=cribo"
+    " --voc /data/VOCdevkit\n"
+    "  Hummingbird retrieval (CrIBo):        evaluate last.ckpt --protocols hummingbird --voc /data/VOCdevkit\n"
+    "  several protocols, one extraction:      evaluate last.ckpt --protocols knn linear --imagenet /data/imagenet\n"
+    "  fewer epochs:                           ... --set linear.epochs=10 --set hummingbird.memory_size=1024000\n"
+    "  many GPUs:                              torchrun --nproc_per_node 8 -m ssl_modules evaluate ...\n"
+)
 
 
 def _presets_help() -> str:
@@ -94,7 +96,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
         if not dot:
             raise SystemExit(f"evaluate: --set {key}=... must name the protocol, e.g. linear.epochs=10")
         overrides.setdefault(protocol, {})[name] = _value(value)
-    return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc, voc_classes=args.voc_classes,
+    return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc,
+                voc_classes=args.voc_classes,
                 presets=dict(_pairs(args.preset, "--preset")), overrides=overrides, official=args.official,
                 teacher=not args.student, precision=args.precision, device=args.device, batch_size=args.batch_size,
                 num_workers=args.num_workers, output=args.output, cache_dir=args.cache_dir,

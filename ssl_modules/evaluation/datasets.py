@@ -40,7 +40,7 @@ class ClassificationFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.transform(read_image(self.files[index]), index), self.labels[index]
 
-    def with_transform(self, transform: Callable[[Tensor, int], Tensor]) -> "ClassificationFolder":
+    def with_transform(self, transform: Callable[[Tensor, int], Tensor]) -> ClassificationFolder:
         return ClassificationFolder(self.files, self.labels, self.num_classes, transform)
 
 
@@ -71,7 +71,7 @@ class SegmentationFiles(Dataset):
         image, mask = self.transform(image, mask, index)
         return image, mask.long()
 
-    def with_transform(self, transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> "SegmentationFiles":
+    def with_transform(self, transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> SegmentationFiles:
         return SegmentationFiles(self.images, self.masks, self.num_classes, transform)
 
 

@@ -77,7 +77,8 @@ LINEAR_PRESETS: dict[str, LinearSettings] = {
     "bam": LinearSettings(features="cls_mean", batchnorm=True, base_lr=0.002,
                           paper="BAM (Shalam et al. 2024) ImageNet linear-evaluation table; eval_linear.py"),
     "vicregl": LinearSettings(features="global", base_lr=0.3, lr_scaling=False, weight_decay=1e-6, batch_size=256,
-                              paper="VICRegL (Bardes et al. 2022) ImageNet linear column of its main table; evaluate.py (lr 0.02 for ResNets)"),
+                              paper="VICRegL (Bardes et al. 2022) ImageNet linear column of its main table; "
+                                    "evaluate.py (lr 0.02 for ResNets)"),
 }
 
 
@@ -109,7 +110,8 @@ def _last_blocks_cls(backbone: Backbone, count: int) -> Callable[[Tensor], Tenso
 
     def features(images: Tensor) -> Tensor:
         outputs: list[Tensor] = []
-        hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in model.blocks[-count:]]
+        hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+                 for block in model.blocks[-count:]]
         try:
             backbone.check_input(images)
             model.forward_features(images)
@@ -171,7 +173,10 @@ def run_linear(extractor: Extractor, root: str, settings: LinearSettings) -> tup
             with torch.no_grad(), extractor.autocast():
                 features = feature_fn(images.to(device)).float()
             labels = torch.as_tensor(labels, device=device)
-            train_step(head, optimizer, lambda: F.cross_entropy(head(features), labels, reduction="sum"), len(batch))
+            train_step(head, optimizer,
+                       lambda features=features, labels=labels: F.cross_entropy(head(features), labels,
+                                                                                reduction="sum"),
+                       len(batch))
     head.eval()
     return _score(extractor, head, feature_fn, val, train.num_classes, settings, train.labels)
 

@@ -72,11 +72,13 @@ class VOCLinearSettings:
 
 
 VOC_LINEAR_PRESETS: dict[str, VOCLinearSettings] = {
-    "cribo": VOCLinearSettings(paper="CrIBo (Lebailly et al. 2024) linear-segmentation table (Pascal VOC column); its mmseg FCN config"),
+    "cribo": VOCLinearSettings(paper="CrIBo (Lebailly et al. 2024) linear-segmentation table (Pascal VOC column); "
+                                     "its mmseg FCN config"),
     "vicregl": VOCLinearSettings(
         batchnorm=True, recipe=HeadRecipe("adamw", 1e-4, 0.05, "poly", power=1.0, warmup_steps=1500),
         iterations=40_000, batch_size=16, pixel_norm="imagenet",
-        paper="VICRegL (Bardes et al. 2022) main table, Pascal VOC linear segmentation (frozen); its linear_*_voc12aug config"),
+        paper="VICRegL (Bardes et al. 2022) main table, Pascal VOC linear segmentation (frozen); "
+              "its linear_*_voc12aug config"),
 }
 
 
@@ -175,7 +177,8 @@ def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings
             maps = dense_map(extractor.embed(images)).float()
             masks = masks.to(device)
             head.train()
-            train_step(head, optimizer, lambda: _pixel_loss(head, maps, masks), _labelled(masks, len(batch)))
+            train_step(head, optimizer, lambda maps=maps, masks=masks: _pixel_loss(head, maps, masks),
+                       _labelled(masks, len(batch)))
             step = next(steps, None)
             if step is None:
                 break

@@ -19,7 +19,8 @@ def _suite():
 def test_smoke_mode_times_every_method_and_writes_json(tmp_path, capsys):
     report = _suite().main(["--smoke", "--json", str(tmp_path / "suite.json")])
     written = json.loads((tmp_path / "suite.json").read_text())
-    assert [c["case"] for c in written["cases"]] == ["cribo_vit_s16", "bam_vit_s16", "vicregl_r50", "vicregl_convnext_s"]
+    assert [c["case"] for c in written["cases"]] == ["cribo_vit_s16", "bam_vit_s16", "vicregl_r50",
+                                                     "vicregl_convnext_s"]
     for case in report["cases"]:
         assert case["finite_loss"] and case["step_ms"] > 0 and case["ratio"] > 0, case
     assert set(written["pipeline_views_per_s_per_core"]) == {"cribo", "bam", "vicregl_resnet", "vicregl_convnext"}

@@ -151,7 +151,8 @@ class ColourFeatures(pl.LightningModule):
     """Hand-made features: mean colour (global) and mean colour of each ``PATCH`` x ``PATCH`` patch (dense).
 
     ``constant=True`` gives ones instead (no signal); ``return_embedding=True`` makes the training step
-    return ``{"loss", "embedding"}`` as the library's methods do. A dummy parameter gives the Trainer something to train.
+    return ``{"loss", "embedding"}`` as the library's methods do. A dummy parameter gives the Trainer something
+    to train.
     """
 
     def __init__(self, constant: bool = False, return_embedding: bool = False) -> None:

@@ -84,8 +84,8 @@ def test_hummingbird_floors_are_those_of_the_squashed_validation_masks(data):
 
 def test_hummingbird_ignore_handling_is_an_option(data):
     common = dict(voc=data["voc"], batch_size=4, show_progress=False)
-    mapped = evaluate_tiny(tiny_vit(), ["hummingbird"], overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None}},
-                      **common)
+    mapped = evaluate_tiny(tiny_vit(), ["hummingbird"],
+                           overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None}}, **common)
     left_out = evaluate_tiny(tiny_vit(), ["hummingbird"],
                         overrides={"hummingbird": {**TINY["hummingbird"], "memory_size": None,
                                                    "background_for_ignore": False}}, **common)

@@ -147,7 +147,8 @@ def test_vit_dense_map_follows_crop_size_with_several_prefix_tokens():
 
 
 def test_unknown_backbone_name_lists_the_closest_timm_names():
-    with pytest.raises(ValueError, match=r"unknown backbone 'vit_smal_patch16_224'.*did you mean vit_small_patch16_224"):
+    with pytest.raises(ValueError,
+                       match=r"unknown backbone 'vit_smal_patch16_224'.*did you mean vit_small_patch16_224"):
         Backbone("vit_smal_patch16_224")
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet5'.*resnet50"):
         is_vit_name("resnet5")

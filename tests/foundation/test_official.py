@@ -19,7 +19,8 @@ def _perturbed(module):
     torch.manual_seed(1)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and (name.startswith("teacher.") or name in ("center", "object_center", "bank")):
+            if tensor.is_floating_point() and (name.startswith("teacher.")
+                                               or name in ("center", "object_center", "bank")):
                 tensor.add_(torch.randn_like(tensor))
         if hasattr(module, "bank_counts"):
             module.bank_counts.copy_(torch.randint(0, 4, module.bank_counts.shape))
@@ -36,9 +37,11 @@ def test_cribo_checkpoint_round_trip_in_the_official_layout(tmp_path):
     source = _perturbed(CrIBo("vit_tiny_patch16_224", **CRIBO))
     path = save_official(source, tmp_path / "checkpoint.pth")
     checkpoint = torch.load(path, weights_only=True)
-    assert {"student", "teacher", "dino_loss", "centroids_queue_cpu", "cpv_queue_cpu", "cls_queue_cpu"} <= set(checkpoint)
+    assert {"student", "teacher", "dino_loss", "centroids_queue_cpu", "cpv_queue_cpu",
+            "cls_queue_cpu"} <= set(checkpoint)
     assert "module.backbone.blocks.1.attn.qkv.weight" in checkpoint["student"]
-    assert {"head.mlp.0.weight", "head.mlp.2.weight", "head.mlp.4.weight", "head.last_layer_c.weight_g"} <= set(checkpoint["teacher"])
+    assert {"head.mlp.0.weight", "head.mlp.2.weight", "head.mlp.4.weight",
+            "head.last_layer_c.weight_g"} <= set(checkpoint["teacher"])
     assert checkpoint["cpv_queue_cpu"].dtype == torch.int32 and checkpoint["centroids_queue_cpu"].shape == (2, 256, 64)
     loaded = load_official(path, backbone="vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT))
     assert isinstance(loaded, CrIBo) and loaded.hparams.object_out_dim == 96 and loaded.hparams.queue_size == 64
@@ -55,7 +58,8 @@ def test_cribo_checkpoint_without_centers_and_bank_keeps_the_modules_own(tmp_pat
     fresh_bank = target.bank.clone()
     load_official(tmp_path / "networks.pth", module=target)
     assert torch.equal(target.bank, fresh_bank)
-    _assert_same_state(target, source, [k for k in source.state_dict() if k.startswith(("backbone.", "teacher.", "head."))])
+    _assert_same_state(target, source,
+                       [k for k in source.state_dict() if k.startswith(("backbone.", "teacher.", "head."))])
 
 
 def test_bam_checkpoint_round_trip_in_the_official_layout(tmp_path):
@@ -98,7 +102,8 @@ def test_a_missing_or_extra_key_is_a_clear_error(tmp_path):
     checkpoint = official_state(source)
     del checkpoint["student"]["module.head.mlp.2.bias"]
     torch.save(checkpoint, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"missing\.pth.*missing student\['module\.head\.mlp\.2\.bias'\]; unexpected nothing"):
+    with pytest.raises(ValueError,
+                       match=r"missing\.pth.*missing student\['module\.head\.mlp\.2\.bias'\]; unexpected nothing"):
         load_official(tmp_path / "missing.pth", module=CrIBo("vit_tiny_patch16_224", **CRIBO))
     checkpoint = official_state(source)
     checkpoint["teacher"]["head.extra_layer.weight"] = torch.zeros(1)
@@ -110,7 +115,8 @@ def test_a_missing_or_extra_key_is_a_clear_error(tmp_path):
 def test_other_shapes_are_a_clear_error(tmp_path):
     save_official(CrIBo("vit_tiny_patch16_224", **CRIBO), tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError, match=r"other shapes.*last_layer_c.weight_v.*\(96, 32\) vs \(128, 32\)"):
-        load_official(tmp_path / "checkpoint.pth", module=CrIBo("vit_tiny_patch16_224", **{**CRIBO, "object_out_dim": 128}))
+        load_official(tmp_path / "checkpoint.pth",
+                      module=CrIBo("vit_tiny_patch16_224", **{**CRIBO, "object_out_dim": 128}))
 
 
 def test_the_vit_backbone_is_read_from_the_checkpoint_shapes(tmp_path):

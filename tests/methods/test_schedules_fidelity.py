@@ -170,7 +170,8 @@ def test_cribo_fit_applies_the_declared_schedules_to_the_step_and_the_groups():
     module = tiny_cribo(warmup_teacher_temp_epochs=3, warmup_epochs=0, freeze_last_layer_epochs=1, lr=1e-3)
     rec = Temps()
     pl.Trainer(**quiet_trainer_kwargs(max_epochs=3), callbacks=[rec]).fit(module, cribo_loader(2))
-    np.testing.assert_allclose([t for _, t, _ in rec.temps], [(0.04, 0.04)] * 2 + [(0.055, 0.055)] * 2 + [(0.07, 0.07)] * 2)
+    np.testing.assert_allclose([t for _, t, _ in rec.temps],
+                               [(0.04, 0.04)] * 2 + [(0.055, 0.055)] * 2 + [(0.07, 0.07)] * 2)
     groups = module.trainer.optimizers[0].param_groups
     frozen = [i for i, g in enumerate(groups) if g["lr_schedule"] == "last_layer_lr"]
     assert all(rec.temps[s][2][i] == 0.0 for s in (0, 1) for i in frozen)

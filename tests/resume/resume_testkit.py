@@ -66,7 +66,8 @@ def run(method: str, root: Path, num_workers: int = 0, stop_at: int | None = Non
     if checkpoint_every_steps is None:
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
     else:
-        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=checkpoint_every_steps,
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints",
+                                                  every_n_train_steps=checkpoint_every_steps,
                                                   save_top_k=-1, filename="{step}")
     callbacks: list[pl.Callback] = [recorder, checkpoint]
     if stop_at is not None:
