@@ -39,7 +39,8 @@ def tiny_config(tmp_path: Path, method: str, *, steps: int = 8, callbacks: list 
                                      "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_top_k": -1,
                                                    "every_n_train_steps": checkpoint_every}})
     data = config["data"]["init_args"]
-    data.update(num_train=64, num_val=16, batch_size=8, num_workers=0, root=str(tmp_path.parent / "scenes"))
+    data["scene"] = {**data.get("scene", {}), "num_train": 64, "num_val": 16}
+    data.update(batch_size=8, num_workers=0, root=str(tmp_path.parent / "scenes"))
     model = config["model"]["init_args"]
     if "queue_size" in model:
         model["queue_size"] = 64

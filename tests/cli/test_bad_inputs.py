@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_VIT, quiet_trainer_kwargs
 from PIL import Image
 
-from datamodules import COCODataModule, ImageNetDataModule, LayoutError, MultiCropViews, SyntheticScenesDataModule
+from datamodules import COCODataModule, ImageNetDataModule, LayoutError, MultiCropViews, SceneConfig, SyntheticScenesDataModule
 from ssl_modules.bam import BAM
 from ssl_modules.base import SSLModule
 from ssl_modules.vicregl import VICRegL
@@ -19,8 +19,8 @@ from ssl_modules.vicregl import VICRegL
 def scenes(tmp_path, **overrides) -> SyntheticScenesDataModule:
     views = MultiCropViews(n_global=2, n_local=0, global_size=32, jitter_p=0.0, grayscale_p=0.0,
                            global_blur_p=[0.0], global_solarize_p=[0.0])
-    kwargs = dict(root=str(tmp_path / "scenes"), image_size=48, num_train=16, num_val=8, eval_size=32, batch_size=4,
-                  num_workers=0, views=views)
+    kwargs = dict(root=str(tmp_path / "scenes"), scene=SceneConfig(image_size=48, num_train=16, num_val=8),
+                  eval_size=32, batch_size=4, num_workers=0, views=views)
     return SyntheticScenesDataModule(**{**kwargs, **overrides})
 
 

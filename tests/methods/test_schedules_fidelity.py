@@ -132,9 +132,10 @@ class UnscaleProbe(torch.amp.GradScaler):
 
 def test_cribo_frozen_prototype_gradients_are_gone_before_the_fp16_scaler_unscales():
     """Official ``cancel_gradients_last_layer`` runs before the scaler's inf check: the scaler never sees the
-    frozen layers' gradients, so an fp16 overflow in them cannot make it skip the step."""
+    frozen layers' gradients, so an fp16 overflow in them cannot make it skip the step. (The tiny model's
+    fp16 loss on CPU is not finite; the guard is off because only the hook order is under test.)"""
     torch.manual_seed(0)
-    module = tiny_cribo(warmup_epochs=0, lr=1e-3, freeze_last_layer_epochs=1)
+    module = tiny_cribo(warmup_epochs=0, lr=1e-3, freeze_last_layer_epochs=1, nonfinite_guard=False)
     scaler = UnscaleProbe(module)
     trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=2), plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     trainer.fit(module, cribo_loader(2))

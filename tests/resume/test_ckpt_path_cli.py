@@ -6,10 +6,10 @@ from resume_testkit import tiny_args
 
 
 def _fit(root, method="vicregl", extra=()):
-    from ssl_modules.cli import main
+    from ssl_modules.cli import run_cli as main
 
     return main(tiny_args(method, root, 0, ["--trainer.max_epochs=1", "--trainer.logger=true",
-                                            "--data.init_args.num_train=64", *extra]))
+                                            "--data.init_args.scene.num_train=64", *extra]))
 
 
 @pytest.fixture(scope="module")
