@@ -235,6 +235,23 @@ def _import_class(class_path: str) -> type | None:
         return None
 
 
+def _read_for_resume(path: Path) -> dict[str, Any]:
+    """The checkpoint's entries (memory-mapped: the tensors are not read), or an error naming the file."""
+    from .checkpoint_io import CheckpointFileError, check_checkpoint_file
+
+    check_checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises EOFError, UnpicklingError, RuntimeError, IndexError, ...
+        raise CheckpointFileError(
+            f"--ckpt_path {path} could not be read ({type(error).__name__}: {error}): expected a .ckpt file written "
+            "by a Lightning Trainer; the file is probably damaged, use an earlier checkpoint") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointFileError(f"--ckpt_path {path} holds no 'state_dict' entry: expected a .ckpt file written "
+                                  "by a Lightning Trainer")
+    return checkpoint
+
+
 def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[str]:
     """Check and complete the ``fit`` config ``section`` (a jsonargparse Namespace) for its ``ckpt_path``.
 
@@ -261,7 +278,7 @@ def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[s
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist; give a .ckpt file, or 'last' for the newest "
                                 "checkpoint of the run")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _read_for_resume(path)
     model = section.get("model")
     class_path = model.get("class_path") if model is not None else None
     model_class = _import_class(class_path) if class_path else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,12 @@ def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
     noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     cut = tmp_path / "truncated.ckpt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    return {"missing": tmp_path / "missing.ckpt", "empty": empty, "random": noise, "truncated": cut}
+    unpicklable = tmp_path / "unpicklable.ckpt"  # a whole archive whose pickle is damaged
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(unpicklable, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, b"\x80\x02garbage" if name.endswith("data.pkl") else source.read(name))
+    return {"missing": tmp_path / "missing.ckpt", "empty": empty, "random": noise, "truncated": cut,
+            "unpicklable": unpicklable}
 
 
 @pytest.mark.slow
