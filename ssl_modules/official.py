@@ -129,6 +129,17 @@ def _method_of(module: SSLModule) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- out
+def _state_with_reference_bank(module: SSLModule) -> dict[str, Tensor]:
+    """``module.state_dict()`` where CrIBo's ring-buffer bank also appears in the official (newest-first)
+    layout as ``bank`` / ``bank_counts``; CrIBo's load hook turns those keys back into the ring buffer."""
+    state = module.state_dict()
+    bank = getattr(module, "memory_bank", None)
+    if bank is not None:
+        reference = bank.logical()
+        state["bank"], state["bank_counts"] = reference["bank"], reference["counts"]
+    return state
+
+
 def official_state(module: SSLModule, epoch: int = 0, classifier_classes: int = 1000) -> dict[str, Any]:
     """The module's weights as the official code of its method saves them (see the module docstring).
 
@@ -138,7 +149,7 @@ def official_state(module: SSLModule, epoch: int = 0, classifier_classes: int = 
         classifier_classes: VICRegL only: rows of the zero online classifier the official model expects.
     """
     method = _method_of(module)
-    ours = module.state_dict()
+    ours = _state_with_reference_bank(module)
     checkpoint: dict[str, Any] = {"epoch": epoch}
     for our_key, (entry, key) in _KEYS[method](module).items():
         value = ours[our_key].detach().clone()
@@ -149,8 +160,8 @@ def official_state(module: SSLModule, epoch: int = 0, classifier_classes: int = 
         else:
             checkpoint[entry] = value
     if method == "cribo":
-        slots, width = module.bank_counts.shape[0], module.bank.shape[-1]
-        checkpoint["cls_queue_cpu"] = torch.zeros(2, slots, width, dtype=module.bank.dtype)
+        slots, width = ours["bank_counts"].shape[0], ours["bank"].shape[-1]
+        checkpoint["cls_queue_cpu"] = torch.zeros(2, slots, width, dtype=ours["bank"].dtype)
     if method == "vicregl":
         width = module.backbone.num_features
         checkpoint["model"]["module.classifier.weight"] = torch.zeros(classifier_classes, width)
@@ -208,7 +219,7 @@ def load_official_state(module: SSLModule, checkpoint: dict[str, Any]) -> None:
             f"missing {_show(missing) or 'nothing'}; unexpected {_show(extra) or 'nothing'}. Build the module "
             "with the checkpoint's architecture (backbone name and backbone_kwargs, head widths) "
             "or pick the right method")
-    ours = module.state_dict()
+    ours = _state_with_reference_bank(module)
     state, wrong = {}, []
     for our_key, key in mapping.items():
         if key not in flat:
