@@ -54,5 +54,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"checkpoint {path} could not be read ({type(error).__name__}: {error}): {_EXPECTED}; the file is "
             "probably damaged, use an earlier checkpoint") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointFileError(f"{path} holds no 'state_dict' entry: {_EXPECTED}")
+        official = isinstance(checkpoint, dict) and any(k in checkpoint for k in ("student", "teacher", "model"))
+        hint = (" (it looks like an official CrIBo/BAM/VICRegL checkpoint: export it with --official auto, or "
+                "load it with ssl_modules.load_official)") if official else ""
+        raise CheckpointFileError(f"{path} holds no 'state_dict' entry: {_EXPECTED}{hint}")
     return checkpoint

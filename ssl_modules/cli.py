@@ -310,10 +310,25 @@ def export_from_checkpoint(checkpoint: dict[str, Any], output: str | Path) -> Pa
 def _export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssl_modules export",
                                      description="Write the (teacher) backbone of a checkpoint as timm weights.")
-    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of an SSLModule")
+    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of an SSLModule, or an official one "
+                        "with --official")
     parser.add_argument("output", help="where to write the state dict (.pt); a .json with the timm name goes beside it")
+    parser.add_argument("--official", choices=["auto", "cribo", "bam", "vicregl"], default=None,
+                        help="the checkpoint is an official CrIBo / BAM / VICRegL training checkpoint (auto: detected "
+                        "from its keys); its teacher backbone is written (docs/fidelity.md)")
+    parser.add_argument("--backbone", default=None, help="with --official: the timm name, when the checkpoint's "
+                        "shapes and args do not tell it")
+    parser.add_argument("--backbone-kwargs", default=None, type=json.loads,
+                        help='with --official: timm.create_model keyword arguments as JSON, e.g. \'{"depth": 2}\'')
     args = parser.parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.output)
+    if args.official is not None:
+        from .official import export_official
+
+        method = None if args.official == "auto" else args.official
+        given = {k: v for k, v in (("backbone", args.backbone), ("backbone_kwargs", args.backbone_kwargs)) if v}
+        path = export_official(args.checkpoint, args.output, method, **given)
+    else:
+        path = export_checkpoint(args.checkpoint, args.output)
     print(f"backbone written to {path} (timm name and kwargs in {path.with_suffix('.json')})")
     return 0
 

@@ -190,3 +190,30 @@ def test_the_vicregl_cnn_is_read_from_the_checkpoint_shapes(tmp_path, name):
     loaded = load_official(tmp_path / "model.pth")
     assert loaded.backbone.name == name
     _assert_same_state(loaded, source)
+
+
+def test_the_export_command_writes_an_official_checkpoints_teacher_backbone_for_timm(tmp_path):
+    import json
+
+    import timm
+
+    from ssl_modules.cli import main
+
+    source = _perturbed(CrIBo("vit_tiny_patch16_224", **CRIBO))
+    path = save_official(source, tmp_path / "checkpoint.pth")
+    assert main(["export", str(path), str(tmp_path / "plain.pt")]) == 1  # not a Lightning checkpoint: a hint
+    assert main(["export", str(path), str(tmp_path / "backbone.pt"), "--official", "auto",
+                 "--backbone", "vit_tiny_patch16_224", "--backbone-kwargs", json.dumps(TINY_VIT)]) == 0
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    model = timm.create_model(meta["name"], **meta["model_kwargs"])
+    model.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True))
+    teacher = source.teacher["backbone"].model.state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
+
+
+def test_a_plain_export_of_an_official_checkpoint_says_to_use_official(tmp_path, capsys):
+    from ssl_modules.cli import main
+
+    path = save_official(CrIBo("vit_tiny_patch16_224", **CRIBO), tmp_path / "checkpoint.pth")
+    assert main(["export", str(path), str(tmp_path / "out.pt")]) == 1
+    assert "--official auto" in capsys.readouterr().err
