@@ -19,7 +19,7 @@ from torch import Tensor
 from . import distributed
 from .backbones import Backbone, is_vision_transformer_name
 from .base import SSLModule
-from .contrastive_crop import ContrastiveCrop
+from .contrastive_crop import check_attention_backbone, check_settings
 from .functional import bam_loss
 from .heads import MLP
 from .mixins import TeacherEMA, encode_views
@@ -36,7 +36,7 @@ def _row_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1).mean()
 
 
-class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
+class BAM(TeacherEMA, SSLModule):
     """BAM as a LightningModule. Defaults are the published ViT-S/16 recipe.
 
     Args:
@@ -132,9 +132,26 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
         )
         if teacher:
             self.init_teacher(["backbone", "projector"], ema_momentum, update="before_forward")
+        self._ccrop_settings: dict[str, float] | None = None
         if contrastive_crop:
-            self.init_contrastive_crop(ccrop_alpha, ccrop_box_threshold, ccrop_interval,
-                                       warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
+            settings = dict(alpha=ccrop_alpha, box_threshold=ccrop_box_threshold, interval=ccrop_interval,
+                            warmup_epochs=warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
+            check_settings(**settings, prefix="ccrop_")
+            check_attention_backbone(self.backbone)
+            self._ccrop_settings = settings
+
+    def configure_callbacks(self) -> list:
+        """``super()``'s callbacks and, with ``contrastive_crop=True``, ``callbacks.ContrastiveCrop`` built from the
+        ``ccrop_*`` arguments, unless the trainer already has one (the user's is kept as it is)."""
+        callbacks = list(super().configure_callbacks() or [])
+        if self._ccrop_settings is None:
+            return callbacks
+        from callbacks.contrastive_crop import ContrastiveCrop  # lazily: callbacks import the methods' package
+
+        given = self._trainer is not None and any(isinstance(c, ContrastiveCrop) for c in self.trainer.callbacks)
+        if not given:
+            callbacks.append(ContrastiveCrop(**self._ccrop_settings))
+        return callbacks
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         """MoCo v3 ViTs as the official BAM; its ViT-S has 12 heads (MoCo v3's ``vit_small``), not timm's 6."""

@@ -1,4 +1,4 @@
-"""ContrastiveCrop on the method side: boxes from attention, the schedule, BAM's hooks, checkpoints, DDP."""
+"""ContrastiveCrop: boxes from attention, the schedule, the callback BAM adds, checkpoints, DDP."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from callbacks import ContrastiveCrop
 from conftest import TINY_VIT, quiet_trainer_kwargs
 from datamodules import ImageFolderDataModule, MultiCropViews
 from distributed_utils import run_distributed
@@ -151,25 +152,32 @@ class Recorder(Callback):
         self.batches.setdefault(trainer.current_epoch, []).append((batch.boxes.clone(), batch.index.clone()))
 
 
-def spy_updates(module: BAM) -> list[tuple[int, torch.Tensor]]:
-    """Record (epoch, boxes) of every box update of ``module``."""
+def spy_updates(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Record (epoch, boxes) of every box update of every ``ContrastiveCrop`` callback."""
     calls = []
-    original = module.update_crop_boxes
+    original = ContrastiveCrop.update_crop_boxes
 
-    def update(epoch):
-        calls.append((epoch, original(epoch).clone()))
+    def update(self, pl_module, epoch):
+        calls.append((epoch, original(self, pl_module, epoch).clone()))
         return calls[-1][1]
 
-    module.update_crop_boxes = update
+    monkeypatch.setattr(ContrastiveCrop, "update_crop_boxes", update)
     return calls
 
 
-def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_path):
+def crop_callback(trainer: pl.Trainer) -> ContrastiveCrop:
+    found = [callback for callback in trainer.callbacks if isinstance(callback, ContrastiveCrop)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_path, monkeypatch):
     write_images(tmp_path / "images")
     data = datamodule(tmp_path / "images", num_workers=1)  # one persistent worker process
     module = tiny_bam(ccrop_interval=1, ccrop_warmup_epochs=1, ccrop_box_threshold=0.9)
-    updates, recorder = spy_updates(module), Recorder()
-    pl.Trainer(**quiet_trainer_kwargs(max_epochs=4, limit_train_batches=1, callbacks=[recorder])).fit(module, data)
+    updates, recorder = spy_updates(monkeypatch), Recorder()
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=4, limit_train_batches=1, callbacks=[recorder]))
+    trainer.fit(module, data)
 
     # updates at the end of epochs 1 and 2 (not 0: warm-up; not 3: the last); guided from epoch 2
     assert [epoch for epoch, _ in updates] == [1, 2]
@@ -179,7 +187,7 @@ def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_
     boxes = updates[1][1]
     assert boxes.shape == (16, 4) and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
     assert boxes[:, 2].sub(boxes[:, 0]).mean() < 0.9  # a high threshold keeps the boxes smaller than the image
-    torch.testing.assert_close(module.crop_boxes, boxes)
+    torch.testing.assert_close(crop_callback(trainer).crop_boxes, boxes)
 
     for epoch, guides in ((2, updates[0][1]), (3, updates[1][1])):
         for crop_boxes, index in recorder.batches[epoch]:
@@ -202,7 +210,7 @@ class LateRestore(SingleDeviceStrategy):
 
 
 @pytest.mark.parametrize("late_restore", [False, True])
-def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, late_restore):
+def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, late_restore, monkeypatch):
     write_images(tmp_path / "images")
     settings = dict(ccrop_interval=1, ccrop_warmup_epochs=0, ccrop_box_threshold=0.6)  # boxes unlike the image
     first = tiny_bam(**settings)
@@ -210,22 +218,26 @@ def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, l
     trainer.fit(first, datamodule(tmp_path / "images"))  # an update after epoch 0 (1 is the last)
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
-    assert first._crop_boxes_epoch == 0 and len(set(map(tuple, first.crop_boxes.tolist()))) > 1
-    torch.testing.assert_close(BAM.load_from_checkpoint(path).crop_boxes, first.crop_boxes)
+    first_crop = crop_callback(trainer)
+    assert first_crop.boxes_epoch == 0 and len(set(map(tuple, first_crop.crop_boxes.tolist()))) > 1
+    saved = torch.load(path, weights_only=False)["callbacks"][first_crop.state_key]
+    torch.testing.assert_close(saved["boxes"], first_crop.crop_boxes)
+    assert (saved["boxes_epoch"], saved["guides_epoch"]) == (0, 2)
 
     # resumed for one more epoch: the restored boxes reach the new DataModule before epoch 2 (guided) starts;
     # with 3 epochs, epoch 1 is no longer the last and its update is due: it is computed then (as the
     # official resume does after an update epoch)
     resumed, data, recorder = tiny_bam(**settings), datamodule(tmp_path / "images"), Recorder()
-    updates = spy_updates(resumed)
+    updates = spy_updates(monkeypatch)
     with pytest.warns(UserWarning, match="box update of epoch 1 is missing"):
         strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
-        pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder], strategy=strategy)).fit(
-            resumed, data, ckpt_path=path)
-    torch.testing.assert_close(recorder.guides[2], first.crop_boxes)  # the callback runs before the catch-up
+        second = pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder],
+                                                   strategy=strategy))
+        second.fit(resumed, data, ckpt_path=path)
+    torch.testing.assert_close(recorder.guides[2], first_crop.crop_boxes)  # the recorder runs before the catch-up
     assert [epoch for epoch, _ in updates] == [1]
     torch.testing.assert_close(data.crop_guides, updates[0][1])
-    assert resumed._crop_boxes_epoch == 1
+    assert crop_callback(second).boxes_epoch == 1
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -240,7 +252,7 @@ class RandomImages(Dataset):
 def _boxes_rank(rank: int, world_size: int, state: dict) -> torch.Tensor:
     module = tiny_bam(ccrop_box_threshold=0.6)
     module.load_state_dict(state)
-    return module.compute_crop_boxes(RandomImages(), batch_size=2, num_workers=0)
+    return ContrastiveCrop(box_threshold=0.6).compute_crop_boxes(module, RandomImages(), batch_size=2, num_workers=0)
 
 
 def test_each_process_boxes_its_shard_and_all_get_the_dataset_order():
@@ -254,7 +266,8 @@ def test_each_process_boxes_its_shard_and_all_get_the_dataset_order():
         from_student = boxes_from_attention(last_block_cls_attention(module.backbone, images), (32, 32), 0.6)
     assert not torch.equal(expected, from_student) and len(set(map(tuple, expected.tolist()))) > 1
     module.train()
-    torch.testing.assert_close(module.compute_crop_boxes(RandomImages(), batch_size=3), expected)
+    boxes = ContrastiveCrop(box_threshold=0.6).compute_crop_boxes(module, RandomImages(), batch_size=3)
+    torch.testing.assert_close(boxes, expected)
     assert module.training and module.backbone.training  # the modes are restored
     for boxes in run_distributed(_boxes_rank, world_size=2, args=(module.state_dict(),)):
         torch.testing.assert_close(boxes, expected)

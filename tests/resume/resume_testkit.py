@@ -100,9 +100,12 @@ def _main_with_callbacks(main, args: list[str], callbacks: list[pl.Callback]):
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (bank, centers, teacher, ...) and ContrastiveCrop's boxes."""
     state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-    boxes = getattr(model, "crop_boxes", None)
-    if boxes is not None:
-        state["crop_boxes"] = boxes.clone()
+    from callbacks import ContrastiveCrop
+
+    trainer = model._trainer
+    for callback in trainer.callbacks if trainer is not None else []:
+        if isinstance(callback, ContrastiveCrop) and callback.crop_boxes is not None:
+            state["crop_boxes"] = callback.crop_boxes.clone()
     return state
 
 
