@@ -271,3 +271,45 @@ def test_each_process_boxes_its_shard_and_all_get_the_dataset_order():
     assert module.training and module.backbone.training  # the modes are restored
     for boxes in run_distributed(_boxes_rank, world_size=2, args=(module.state_dict(),)):
         torch.testing.assert_close(boxes, expected)
+
+
+# ------------------------------------------------------------------------------------------ the callback
+def test_bam_adds_no_second_callback_when_the_trainer_has_one():
+    mine = ContrastiveCrop(alpha=0.5, interval=3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1, callbacks=[mine]))
+    module = tiny_bam()
+    module.trainer = trainer
+    assert not any(isinstance(callback, ContrastiveCrop) for callback in module.configure_callbacks())
+    module.trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1))
+    added = [callback for callback in module.configure_callbacks() if isinstance(callback, ContrastiveCrop)]
+    assert len(added) == 1 and (added[0].alpha, added[0].interval, added[0].box_threshold) == (0.6, 40, 0.1)
+
+
+def test_bam_without_contrastive_crop_adds_no_callback():
+    module = tiny_bam(contrastive_crop=False)
+    assert not any(isinstance(callback, ContrastiveCrop) for callback in module.configure_callbacks())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=0.0), "alpha=0.0"), (dict(box_threshold=1.0), "box_threshold=1.0"),
+    (dict(interval=0), "interval=0"), (dict(warmup_epochs=-1), "warmup_epochs=-1"),
+])
+def test_the_callback_refuses_impossible_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContrastiveCrop(**kwargs)
+
+
+def test_the_callback_state_round_trips():
+    source = ContrastiveCrop()
+    source.crop_boxes, source.boxes_epoch, source.guides_epoch = torch.rand(5, 4), 40, 41
+    target = ContrastiveCrop()
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target.crop_boxes, source.crop_boxes)
+    assert (target.boxes_epoch, target.guides_epoch) == (40, 41)
+
+
+def test_the_callback_refuses_a_cnn_at_fit_setup():
+    module = BAM("resnet18", projector_widths="64-64-32", top_k=8, warmup_epochs=0.0, lr=1e-3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1))
+    with pytest.raises(ValueError, match="not a ViT"):
+        ContrastiveCrop().setup(trainer, module, "fit")
