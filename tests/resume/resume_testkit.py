@@ -60,7 +60,7 @@ def run(method: str, root: Path, num_workers: int = 0, stop_at: int | None = Non
 
     Checkpoints ``step=N.ckpt`` every ``checkpoint_every_steps`` steps, or (None) Lightning's epoch-end
     checkpoints with ``last.ckpt``."""
-    from ssl_modules.cli import main
+    from ssl_modules.cli import run_cli as main  # the LightningCLI object, not the exit code
 
     recorder = LossRecorder()
     if checkpoint_every_steps is None:
