@@ -19,9 +19,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_modules import distributed
-from ssl_modules.contrastive_crop import (_last_update_before, boxes_from_attention, check_attention_backbone,
-                                         check_settings, is_box_update_epoch, last_block_cls_attention,
-                                         model_input_size, uses_guided_crops)
+from ssl_modules.contrastive_crop import (
+    boxes_from_attention,
+    check_attention_backbone,
+    check_settings,
+    is_box_update_epoch,
+    last_block_cls_attention,
+    last_update_before,
+    model_input_size,
+    uses_guided_crops,
+)
 
 __all__ = ["ContrastiveCrop"]
 
@@ -144,7 +151,7 @@ class ContrastiveCrop(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        due = _last_update_before(epoch, self.interval, self.warmup_epochs)
+        due = last_update_before(epoch, self.interval, self.warmup_epochs)
         if due is not None and (self.boxes_epoch is None or self.boxes_epoch < due):
             rank_zero_warn(f"ContrastiveCrop: the box update of epoch {due} is missing (the checkpoint was written "
                            "before it, or that epoch was the last of the earlier run); computing the boxes now")

@@ -6,7 +6,7 @@ balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each g
 and the attention rows of the other crops of the same image. Follows the official code
 (``shared/spec/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
 Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
-found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (``contrastive_crop.py``).
+found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (the ``callbacks.ContrastiveCrop`` callback).
 """
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ class BAM(TeacherEMA, SSLModule):
             self.init_teacher(["backbone", "projector"], ema_momentum, update="before_forward")
         self._ccrop_settings: dict[str, float] | None = None
         if contrastive_crop:
-            settings = dict(alpha=ccrop_alpha, box_threshold=ccrop_box_threshold, interval=ccrop_interval,
-                            warmup_epochs=warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
+            settings = {"alpha": ccrop_alpha, "box_threshold": ccrop_box_threshold, "interval": ccrop_interval,
+                        "warmup_epochs": warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs}
             check_settings(**settings, prefix="ccrop_")
             check_attention_backbone(self.backbone)
             self._ccrop_settings = settings
@@ -146,7 +146,8 @@ class BAM(TeacherEMA, SSLModule):
         callbacks = list(super().configure_callbacks() or [])
         if self._ccrop_settings is None:
             return callbacks
-        from callbacks.contrastive_crop import ContrastiveCrop  # lazily: callbacks import the methods' package
+        # imported here: the callbacks package imports this one
+        from callbacks.contrastive_crop import ContrastiveCrop
 
         given = self._trainer is not None and any(isinstance(c, ContrastiveCrop) for c in self.trainer.callbacks)
         if not given:

@@ -26,13 +26,14 @@ from torch import Tensor, nn
 from .backbones import Backbone
 
 __all__ = [
-    "check_settings",
-    "check_attention_backbone",
-    "last_block_cls_attention",
     "boxes_from_attention",
+    "check_attention_backbone",
+    "check_settings",
     "is_box_update_epoch",
-    "uses_guided_crops",
+    "last_block_cls_attention",
+    "last_update_before",
     "model_input_size",
+    "uses_guided_crops",
 ]
 
 
@@ -48,7 +49,7 @@ def uses_guided_crops(epoch: int, interval: int, warmup_epochs: float) -> bool:
     return epoch >= max(interval, warmup_epochs) + 1
 
 
-def _last_update_before(epoch: int, interval: int, warmup_epochs: float) -> int | None:
+def last_update_before(epoch: int, interval: int, warmup_epochs: float) -> int | None:
     """The latest epoch before ``epoch`` at whose end the schedule updates the boxes, or None."""
     if epoch < 1:
         return None

@@ -4,18 +4,23 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TINY_VIT, quiet_trainer_kwargs
+from distributed_utils import run_distributed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks import ContrastiveCrop
-from conftest import TINY_VIT, quiet_trainer_kwargs
 from datamodules import ImageFolderDataModule, MultiCropViews
-from distributed_utils import run_distributed
 from ssl_modules.bam import BAM
-from ssl_modules.contrastive_crop import (boxes_from_attention, check_attention_backbone, is_box_update_epoch,
-                                          last_block_cls_attention, uses_guided_crops)
+from ssl_modules.contrastive_crop import (
+    boxes_from_attention,
+    check_attention_backbone,
+    is_box_update_epoch,
+    last_block_cls_attention,
+    uses_guided_crops,
+)
 from ssl_modules.testing import random_views
 
 NO_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0,), local_blur_p=(0.0,),
@@ -229,10 +234,10 @@ def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, l
     # official resume does after an update epoch)
     resumed, data, recorder = tiny_bam(**settings), datamodule(tmp_path / "images"), Recorder()
     updates = spy_updates(monkeypatch)
+    strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
+    second = pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder],
+                                               strategy=strategy))
     with pytest.warns(UserWarning, match="box update of epoch 1 is missing"):
-        strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
-        second = pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder],
-                                                   strategy=strategy))
         second.fit(resumed, data, ckpt_path=path)
     torch.testing.assert_close(recorder.guides[2], first_crop.crop_boxes)  # the recorder runs before the catch-up
     assert [epoch for epoch, _ in updates] == [1]
