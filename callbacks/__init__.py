@@ -5,6 +5,7 @@ reads the backbone only through ``pl_module.embed(images) -> Features``, takes i
 argument or the trainer's datamodule (the probe-data protocol of ``callbacks.data``), works under DDP with
 every process logging the same value, and keeps its state in the Lightning checkpoint.
 """
+from .contrastive_crop import ContrastiveCrop
 from .diagnostics import VisualDiagnostics
 from .knn import KNNProbe
 from .linear import OnlineLinearProbe
@@ -13,4 +14,4 @@ from .retrieval import DenseRetrievalProbe
 from .segmentation import VOCSegmentationProbe
 
 __all__ = ["OnlineLinearProbe", "KNNProbe", "VOCSegmentationProbe", "DenseRetrievalProbe", "VisualDiagnostics",
-           "PaperProtocolProbe"]
+           "PaperProtocolProbe", "ContrastiveCrop"]

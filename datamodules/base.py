@@ -9,14 +9,14 @@ Probe-data protocol (what the probe callbacks read from ``trainer.datamodule``):
 
 A DataModule without labels has no ``num_classes`` attribute (``hasattr`` is False).
 
-Crop-guide protocol (what ContrastiveCrop, BAM's ``contrastive_crop=True``, reads from ``trainer.datamodule``;
-every ``PretrainDataModule`` implements it):
+Crop guides: the only two entry points the ``callbacks.ContrastiveCrop`` callback (BAM's crop guidance) calls on
+``trainer.datamodule`` (it raises a ``TypeError`` naming them when the DataModule lacks them):
 
 - ``crop_guide_dataset(size) -> Dataset`` of ``(float normalised image (3, h, w), int label)``: every training
   image, in training-set order, resized to ``size`` without keeping its aspect ratio;
 - ``set_crop_guides(boxes, alpha)``: from the next training batches on, draw each image's crops around its
   box (``boxes`` ``(N, 4)`` normalised ``(y0, x0, y1, x1)``), or by RandomResizedCrop for ``None``;
-- ``crop_guides``: the current ``(N, 4)`` table, or ``None``.
+- ``crop_guides`` (read-only, for inspection): the current ``(N, 4)`` table, or ``None``.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ class PretrainDataModule(pl.LightningDataModule):
         """Unreadable training images skipped so far (over all worker processes)."""
         return self._train_dataset.skipped if self._train_dataset is not None else 0
 
-    # -- ContrastiveCrop guides (the crop-guide protocol) ---------------------------------------------------
+    # -- ContrastiveCrop guides (callbacks.ContrastiveCrop's two entry points) ------------------------------------------------
 
     def crop_guide_dataset(self, size: int | tuple[int, int]) -> Dataset:
         """``(float normalised image, label)`` of every training image in training-set order, resized to
@@ -166,7 +166,7 @@ class PretrainDataModule(pl.LightningDataModule):
 
         The table lives in shared memory and is updated in place, so the loader's worker processes
         (persistent ones too) use it for the batches they prepare next. Call it once before the training
-        loader's workers start (``on_fit_start`` of a LightningModule is before), then between epochs.
+        loader's workers start (``on_fit_start`` is before), then between epochs.
         """
         self.train_dataset().set_crop_guides(boxes, alpha)
 

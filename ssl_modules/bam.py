@@ -6,7 +6,7 @@ balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each g
 and the attention rows of the other crops of the same image. Follows the official code
 (``docs/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
 Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
-found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (``contrastive_crop.py``).
+found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (the ``callbacks.ContrastiveCrop`` callback).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .contracts import Views
 from . import distributed
 from .backbones import Backbone, is_vision_transformer_name
 from .base import SSLModule
-from .contrastive_crop import ContrastiveCrop
+from .contrastive_crop import check_attention_backbone, check_settings
 from .functional import bam_loss
 from .heads import MLP
 from .mixins import TeacherEMA, encode_views
@@ -37,7 +37,7 @@ def _row_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp(min=1e-30))).sum(dim=1).mean()
 
 
-class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
+class BAM(TeacherEMA, SSLModule):
     """BAM as a LightningModule. Defaults are the published ViT-S/16 recipe.
 
     Args:
@@ -134,9 +134,27 @@ class BAM(ContrastiveCrop, TeacherEMA, SSLModule):
         )
         if teacher:
             self.init_teacher(["backbone", "projector"], ema_momentum, update="before_forward")
+        self._ccrop_settings: dict[str, float] | None = None
         if contrastive_crop:
-            self.init_contrastive_crop(ccrop_alpha, ccrop_box_threshold, ccrop_interval,
-                                       warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs)
+            settings = {"alpha": ccrop_alpha, "box_threshold": ccrop_box_threshold, "interval": ccrop_interval,
+                        "warmup_epochs": warmup_epochs if ccrop_warmup_epochs is None else ccrop_warmup_epochs}
+            check_settings(**settings, prefix="ccrop_")
+            check_attention_backbone(self.backbone)
+            self._ccrop_settings = settings
+
+    def configure_callbacks(self) -> list:
+        """``super()``'s callbacks and, with ``contrastive_crop=True``, ``callbacks.ContrastiveCrop`` built from the
+        ``ccrop_*`` arguments, unless the trainer already has one (the user's is kept as it is)."""
+        callbacks = list(super().configure_callbacks() or [])
+        if self._ccrop_settings is None:
+            return callbacks
+        # imported here: the callbacks package imports this one
+        from callbacks.contrastive_crop import ContrastiveCrop
+
+        given = self._trainer is not None and any(isinstance(c, ContrastiveCrop) for c in self.trainer.callbacks)
+        if not given:
+            callbacks.append(ContrastiveCrop(**self._ccrop_settings))
+        return callbacks
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         """MoCo v3 ViTs as the official BAM; its ViT-S has 12 heads (MoCo v3's ``vit_small``), not timm's 6."""

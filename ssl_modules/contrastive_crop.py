@@ -5,7 +5,8 @@ backbone (the student's when there is no teacher) looks at every training image 
 input size: the attention of the CLS query to the patch keys in the last block, summed over heads and
 min-max normalised, is upsampled to the image side and thresholded, and the box spans the rows and columns
 where it exceeds the threshold. The DataModule then draws the training crops around the boxes
-(``datamodules.views.contrastive_crop_params``), through the crop-guide protocol of ``datamodules/base.py``.
+(``datamodules.views.contrastive_crop_params``), through the two crop-guide methods of ``datamodules.PretrainDataModule``. The Lightning callback
+``callbacks.ContrastiveCrop`` runs the schedule; this module holds its pure functions.
 
 Schedule, with 0-based epochs (Lightning's ``current_epoch``, and the official loop's ``epoch``):
 
@@ -18,26 +19,21 @@ Published (warm-up 40, interval 40): boxes at the end of epochs 40, 80, ..., gui
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
-from . import distributed
 from .backbones import Backbone
 
 __all__ = [
-    "ContrastiveCrop",
-    "check_attention_backbone",
-    "last_block_cls_attention",
     "boxes_from_attention",
+    "check_attention_backbone",
+    "check_settings",
     "is_box_update_epoch",
-    "uses_guided_crops",
+    "last_block_cls_attention",
+    "last_update_before",
     "model_input_size",
+    "uses_guided_crops",
 ]
 
 
@@ -53,7 +49,7 @@ def uses_guided_crops(epoch: int, interval: int, warmup_epochs: float) -> bool:
     return epoch >= max(interval, warmup_epochs) + 1
 
 
-def _last_update_before(epoch: int, interval: int, warmup_epochs: float) -> int | None:
+def last_update_before(epoch: int, interval: int, warmup_epochs: float) -> int | None:
     """The latest epoch before ``epoch`` at whose end the schedule updates the boxes, or None."""
     if epoch < 1:
         return None
@@ -150,177 +146,16 @@ def boxes_from_attention(attention: Tensor, image_size: tuple[int, int], thresho
     return torch.stack([y0, x0, y1, x1], dim=1)
 
 
-# ------------------------------------------------------------------------------------------------- the mixin
-class ContrastiveCrop:
-    """Mixin for an :class:`~ssl_modules.SSLModule` that guides its training crops with ContrastiveCrop boxes.
-
-    Call :meth:`init_contrastive_crop` in ``__init__`` (a method whose ContrastiveCrop is optional simply
-    does not call it: ``uses_contrastive_crop`` is then False and every hook passes through). Then, with
-    ``trainer.datamodule`` implementing the crop-guide protocol (every ``datamodules.PretrainDataModule``):
-
-    - ``on_fit_start`` (or the checkpoint restore, for strategies that restore after it): the boxes (whole
-      images, or those of the checkpoint) and the guide state of the checkpointed epoch are pushed to the
-      DataModule, before the first epoch's loader workers start;
-    - ``on_train_epoch_end``: the boxes are recomputed when the schedule says so (module docstring), and the
-      next epoch's guide state is pushed (RandomResizedCrop, or the boxes);
-    - ``on_train_epoch_start``: catches up with an update or a push a resumed run missed (a checkpoint
-      written before this module's epoch-end hook ran);
-    - checkpoints hold the boxes (``checkpoint["contrastive_crop"]``).
-
-    Under DDP every process computes the boxes of its share of the images (``i % world_size == rank``) and
-    all-gathers them into dataset order; every process's DataModule gets the whole table.
-    """
-
-    crop_boxes: Tensor | None
-
-    def init_contrastive_crop(self, alpha: float = 0.6, box_threshold: float = 0.1, interval: int = 40,
-                              warmup_epochs: float = 40.0) -> None:
-        if not alpha > 0:
-            raise ValueError(f"ccrop_alpha={alpha}: the Beta(alpha, alpha) position draw needs alpha > 0 (BAM: 0.6)")
-        if not 0.0 <= box_threshold < 1.0:
-            raise ValueError(f"ccrop_box_threshold={box_threshold} must lie in [0, 1): it thresholds attention maps "
-                             "normalised to [0, 1] (BAM: 0.1)")
-        if int(interval) != interval or interval < 1:
-            raise ValueError(f"ccrop_interval={interval} must be a whole number of epochs >= 1 (BAM: 40)")
-        if warmup_epochs < 0:
-            raise ValueError(f"ccrop_warmup_epochs={warmup_epochs} must be >= 0 (BAM: 40)")
-        check_attention_backbone(self.backbone)
-        self._ccrop = dict(alpha=float(alpha), threshold=float(box_threshold), interval=int(interval),
-                           warmup=float(warmup_epochs))
-        self.crop_boxes = None  # (N, 4) on the CPU once the DataModule is known
-        self._crop_boxes_epoch: int | None = None  # the epoch at whose end crop_boxes were computed
-        self._crop_guides_epoch: int | None = None  # the epoch the DataModule's guide state was set for
-        self._ccrop_resume_epoch: int | None = None
-
-    @property
-    def uses_contrastive_crop(self) -> bool:
-        return getattr(self, "_ccrop", None) is not None
-
-    # ---------------------------------------------------------------------------------------- the boxes
-    def _crop_guide_datamodule(self) -> Any:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and all(callable(getattr(datamodule, name, None))
-                                          for name in ("crop_guide_dataset", "set_crop_guides")):
-            return datamodule
-        found = (f"the trainer's datamodule {type(datamodule).__name__}, which lacks them" if datamodule is not None
-                 else "no datamodule (the trainer was given dataloaders)")
-        raise TypeError(
-            "contrastive_crop=True needs a DataModule with crop guides (`crop_guide_dataset(size)` and "
-            f"`set_crop_guides(boxes, alpha)`; every datamodules.PretrainDataModule has them), but found {found}. "
-            "Fit with such a DataModule (e.g. datamodules.ImageNetDataModule), or set contrastive_crop=False.")
-
-    @torch.no_grad()
-    def compute_crop_boxes(self, dataset: Dataset | None = None, batch_size: int | None = None,
-                           num_workers: int | None = None) -> Tensor:
-        """The ContrastiveCrop box ``(y0, x0, y1, x1)`` of every image of ``dataset``: ``(N, 4)`` on the CPU.
-
-        ``dataset`` yields ``(normalised image, anything)`` at the model's input size; default: the
-        trainer's ``datamodule.crop_guide_dataset(model_input_size(...))``. The backbone is the teacher's
-        where there is one (``embedding_backbone``), run in eval mode under the trainer's precision.
-        """
-        backbone = self.embedding_backbone
-        datamodule = None
-        if dataset is None:
-            datamodule = self._crop_guide_datamodule()
-            dataset = datamodule.crop_guide_dataset(model_input_size(backbone))
-        batch_size = batch_size or getattr(datamodule, "eval_batch_size", None) or 64
-        num_workers = num_workers if num_workers is not None else getattr(datamodule, "num_workers", 0)
-        rank, world = distributed.rank(), distributed.world_size()
-        mine = list(range(rank, len(dataset), world))
-        batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-        # a generator of its own: a loader without one would draw its seed from the training's random stream
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers if batches else 0,
-                            generator=torch.Generator().manual_seed(0))
-        precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
-        pieces = []
-        with self.evaluating(), precision or contextlib.nullcontext():
-            for images, _ in loader:
-                attention = last_block_cls_attention(backbone, images.to(self.device, non_blocking=True))
-                pieces.append(boxes_from_attention(attention, tuple(images.shape[-2:]), self._ccrop["threshold"]))
-        local = torch.cat(pieces) if pieces else torch.zeros(0, 4, device=self.device)
-        index = torch.tensor(mine, dtype=torch.long, device=self.device)
-        _, boxes = distributed.gather_in_index_order(index, local)
-        return boxes.cpu()
-
-    def update_crop_boxes(self, epoch: int) -> Tensor:
-        """Recompute ``crop_boxes`` (recorded as computed at the end of ``epoch``); returns them."""
-        self.crop_boxes = self.compute_crop_boxes()
-        self._crop_boxes_epoch = epoch
-        return self.crop_boxes
-
-    def _push_crop_guides(self, epoch: int) -> None:
-        """Set the DataModule's guides for the crops of ``epoch``: the boxes, or None (RandomResizedCrop)."""
-        settings = self._ccrop
-        guided = uses_guided_crops(epoch, settings["interval"], settings["warmup"])
-        self._crop_guide_datamodule().set_crop_guides(self.crop_boxes if guided else None, settings["alpha"])
-        self._crop_guides_epoch = epoch
-
-    # ---------------------------------------------------------------------------------------- the hooks
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if not self.uses_contrastive_crop:
-            return
-        self._ccrop_fitting = True
-        self._start_crop_guides()
-
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        self._ccrop_fitting = False
-
-    def _start_crop_guides(self) -> None:
-        """Whole-image boxes unless restored ones exist, and the guide state of the (resumed) epoch pushed."""
-        datamodule = self._crop_guide_datamodule()
-        count = len(datamodule.crop_guide_dataset(model_input_size(self.embedding_backbone)))
-        if self.crop_boxes is None:
-            self.crop_boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(count, 1)
-        elif self.crop_boxes.shape[0] != count:
-            raise ValueError(f"the checkpoint holds ContrastiveCrop boxes for {self.crop_boxes.shape[0]} images but "
-                             f"the training set has {count}: resume with the data set the run was trained on")
-        resumed, self._ccrop_resume_epoch = self._ccrop_resume_epoch, None
-        self._push_crop_guides(resumed if resumed is not None else self.current_epoch)
-
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        if not self.uses_contrastive_crop:
-            return
-        epoch, settings = self.current_epoch, self._ccrop
-        due = _last_update_before(epoch, settings["interval"], settings["warmup"])
-        if due is not None and (self._crop_boxes_epoch is None or self._crop_boxes_epoch < due):
-            rank_zero_warn(f"ContrastiveCrop: the box update of epoch {due} is missing (the checkpoint was written "
-                           "before it, or that epoch was the last of the earlier run); computing the boxes now")
-            self.update_crop_boxes(due)
-        if self._crop_guides_epoch != epoch:
-            self._push_crop_guides(epoch)  # the loader may have prepared its first batches with the old state
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        if not self.uses_contrastive_crop:
-            return
-        epoch, settings = self.current_epoch, self._ccrop
-        if is_box_update_epoch(epoch, settings["interval"], settings["warmup"], self.trainer.max_epochs):
-            boxes = self.update_crop_boxes(epoch)
-            area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean()
-            self.log("train/crop_box_area", area.item(), on_step=False, on_epoch=True,
-                     sync_dist=distributed.world_size() > 1)  # the same on every process
-        self._push_crop_guides(epoch + 1)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.uses_contrastive_crop:
-            checkpoint["contrastive_crop"] = {
-                "boxes": None if self.crop_boxes is None else self.crop_boxes.clone(),
-                "boxes_epoch": self._crop_boxes_epoch,
-                "guides_epoch": self._crop_guides_epoch,
-            }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("contrastive_crop")
-        if not self.uses_contrastive_crop or state is None:
-            return
-        self.crop_boxes = None if state["boxes"] is None else state["boxes"].cpu().float()
-        self._crop_boxes_epoch = state["boxes_epoch"]
-        self._crop_guides_epoch = state["guides_epoch"]
-        self._ccrop_resume_epoch = state["guides_epoch"]
-        if getattr(self, "_ccrop_fitting", False):  # a strategy that restores after on_fit_start (FSDP, DeepSpeed)
-            self._start_crop_guides()
+# ----------------------------------------------------------------------------------------------- settings
+def check_settings(alpha: float, box_threshold: float, interval: int, warmup_epochs: float,
+                   prefix: str = "") -> None:
+    """A ``ValueError`` naming the bad ContrastiveCrop setting (``prefix`` + its name: ``ccrop_`` for BAM's)."""
+    if not alpha > 0:
+        raise ValueError(f"{prefix}alpha={alpha}: the Beta(alpha, alpha) position draw needs alpha > 0 (BAM: 0.6)")
+    if not 0.0 <= box_threshold < 1.0:
+        raise ValueError(f"{prefix}box_threshold={box_threshold} must lie in [0, 1): it thresholds attention maps "
+                         "normalised to [0, 1] (BAM: 0.1)")
+    if int(interval) != interval or interval < 1:
+        raise ValueError(f"{prefix}interval={interval} must be a whole number of epochs >= 1 (BAM: 40)")
+    if warmup_epochs < 0:
+        raise ValueError(f"{prefix}warmup_epochs={warmup_epochs} must be >= 0 (BAM: 40)")

@@ -1,20 +1,26 @@
-"""ContrastiveCrop on the method side: boxes from attention, the schedule, BAM's hooks, checkpoints, DDP."""
+"""ContrastiveCrop: boxes from attention, the schedule, the callback BAM adds, checkpoints, DDP."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TINY_VIT, quiet_trainer_kwargs
+from distributed_utils import run_distributed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import TINY_VIT, quiet_trainer_kwargs
+from callbacks import ContrastiveCrop
 from datamodules import ImageFolderDataModule, MultiCropViews
-from distributed_utils import run_distributed
 from ssl_modules.bam import BAM
-from ssl_modules.contrastive_crop import (boxes_from_attention, check_attention_backbone, is_box_update_epoch,
-                                          last_block_cls_attention, uses_guided_crops)
+from ssl_modules.contrastive_crop import (
+    boxes_from_attention,
+    check_attention_backbone,
+    is_box_update_epoch,
+    last_block_cls_attention,
+    uses_guided_crops,
+)
 from ssl_modules.testing import random_views
 
 NO_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0,), local_blur_p=(0.0,),
@@ -151,25 +157,32 @@ class Recorder(Callback):
         self.batches.setdefault(trainer.current_epoch, []).append((batch.boxes.clone(), batch.index.clone()))
 
 
-def spy_updates(module: BAM) -> list[tuple[int, torch.Tensor]]:
-    """Record (epoch, boxes) of every box update of ``module``."""
+def spy_updates(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Record (epoch, boxes) of every box update of every ``ContrastiveCrop`` callback."""
     calls = []
-    original = module.update_crop_boxes
+    original = ContrastiveCrop.update_crop_boxes
 
-    def update(epoch):
-        calls.append((epoch, original(epoch).clone()))
+    def update(self, pl_module, epoch):
+        calls.append((epoch, original(self, pl_module, epoch).clone()))
         return calls[-1][1]
 
-    module.update_crop_boxes = update
+    monkeypatch.setattr(ContrastiveCrop, "update_crop_boxes", update)
     return calls
 
 
-def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_path):
+def crop_callback(trainer: pl.Trainer) -> ContrastiveCrop:
+    found = [callback for callback in trainer.callbacks if isinstance(callback, ContrastiveCrop)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_path, monkeypatch):
     write_images(tmp_path / "images")
     data = datamodule(tmp_path / "images", num_workers=1)  # one persistent worker process
     module = tiny_bam(ccrop_interval=1, ccrop_warmup_epochs=1, ccrop_box_threshold=0.9)
-    updates, recorder = spy_updates(module), Recorder()
-    pl.Trainer(**quiet_trainer_kwargs(max_epochs=4, limit_train_batches=1, callbacks=[recorder])).fit(module, data)
+    updates, recorder = spy_updates(monkeypatch), Recorder()
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=4, limit_train_batches=1, callbacks=[recorder]))
+    trainer.fit(module, data)
 
     # updates at the end of epochs 1 and 2 (not 0: warm-up; not 3: the last); guided from epoch 2
     assert [epoch for epoch, _ in updates] == [1, 2]
@@ -179,7 +192,7 @@ def test_fit_updates_the_boxes_on_schedule_and_the_workers_crop_around_them(tmp_
     boxes = updates[1][1]
     assert boxes.shape == (16, 4) and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
     assert boxes[:, 2].sub(boxes[:, 0]).mean() < 0.9  # a high threshold keeps the boxes smaller than the image
-    torch.testing.assert_close(module.crop_boxes, boxes)
+    torch.testing.assert_close(crop_callback(trainer).crop_boxes, boxes)
 
     for epoch, guides in ((2, updates[0][1]), (3, updates[1][1])):
         for crop_boxes, index in recorder.batches[epoch]:
@@ -202,7 +215,7 @@ class LateRestore(SingleDeviceStrategy):
 
 
 @pytest.mark.parametrize("late_restore", [False, True])
-def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, late_restore):
+def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, late_restore, monkeypatch):
     write_images(tmp_path / "images")
     settings = dict(ccrop_interval=1, ccrop_warmup_epochs=0, ccrop_box_threshold=0.6)  # boxes unlike the image
     first = tiny_bam(**settings)
@@ -210,22 +223,26 @@ def test_boxes_survive_a_checkpoint_and_reach_the_resumed_datamodule(tmp_path, l
     trainer.fit(first, datamodule(tmp_path / "images"))  # an update after epoch 0 (1 is the last)
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
-    assert first._crop_boxes_epoch == 0 and len(set(map(tuple, first.crop_boxes.tolist()))) > 1
-    torch.testing.assert_close(BAM.load_from_checkpoint(path).crop_boxes, first.crop_boxes)
+    first_crop = crop_callback(trainer)
+    assert first_crop.boxes_epoch == 0 and len(set(map(tuple, first_crop.crop_boxes.tolist()))) > 1
+    saved = torch.load(path, weights_only=False)["callbacks"][first_crop.state_key]
+    torch.testing.assert_close(saved["boxes"], first_crop.crop_boxes)
+    assert (saved["boxes_epoch"], saved["guides_epoch"]) == (0, 2)
 
     # resumed for one more epoch: the restored boxes reach the new DataModule before epoch 2 (guided) starts;
     # with 3 epochs, epoch 1 is no longer the last and its update is due: it is computed then (as the
     # official resume does after an update epoch)
     resumed, data, recorder = tiny_bam(**settings), datamodule(tmp_path / "images"), Recorder()
-    updates = spy_updates(resumed)
+    updates = spy_updates(monkeypatch)
+    strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
+    second = pl.Trainer(**quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder],
+                                               strategy=strategy))
     with pytest.warns(UserWarning, match="box update of epoch 1 is missing"):
-        strategy = LateRestore(torch.device("cpu")) if late_restore else "auto"
-        kwargs = quiet_trainer_kwargs(max_epochs=3, limit_train_batches=1, callbacks=[recorder], strategy=strategy)
-        pl.Trainer(**kwargs).fit(resumed, data, ckpt_path=path)
-    torch.testing.assert_close(recorder.guides[2], first.crop_boxes)  # the callback runs before the catch-up
+        second.fit(resumed, data, ckpt_path=path)
+    torch.testing.assert_close(recorder.guides[2], first_crop.crop_boxes)  # the recorder runs before the catch-up
     assert [epoch for epoch, _ in updates] == [1]
     torch.testing.assert_close(data.crop_guides, updates[0][1])
-    assert resumed._crop_boxes_epoch == 1
+    assert crop_callback(second).boxes_epoch == 1
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -240,7 +257,7 @@ class RandomImages(Dataset):
 def _boxes_rank(rank: int, world_size: int, state: dict) -> torch.Tensor:
     module = tiny_bam(ccrop_box_threshold=0.6)
     module.load_state_dict(state)
-    return module.compute_crop_boxes(RandomImages(), batch_size=2, num_workers=0)
+    return ContrastiveCrop(box_threshold=0.6).compute_crop_boxes(module, RandomImages(), batch_size=2, num_workers=0)
 
 
 def test_each_process_boxes_its_shard_and_all_get_the_dataset_order():
@@ -254,7 +271,50 @@ def test_each_process_boxes_its_shard_and_all_get_the_dataset_order():
         from_student = boxes_from_attention(last_block_cls_attention(module.backbone, images), (32, 32), 0.6)
     assert not torch.equal(expected, from_student) and len(set(map(tuple, expected.tolist()))) > 1
     module.train()
-    torch.testing.assert_close(module.compute_crop_boxes(RandomImages(), batch_size=3), expected)
+    boxes = ContrastiveCrop(box_threshold=0.6).compute_crop_boxes(module, RandomImages(), batch_size=3)
+    torch.testing.assert_close(boxes, expected)
     assert module.training and module.backbone.training  # the modes are restored
     for boxes in run_distributed(_boxes_rank, world_size=2, args=(module.state_dict(),)):
         torch.testing.assert_close(boxes, expected)
+
+
+# ------------------------------------------------------------------------------------------ the callback
+def test_bam_adds_no_second_callback_when_the_trainer_has_one():
+    mine = ContrastiveCrop(alpha=0.5, interval=3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1, callbacks=[mine]))
+    module = tiny_bam()
+    module.trainer = trainer
+    assert not any(isinstance(callback, ContrastiveCrop) for callback in module.configure_callbacks())
+    module.trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1))
+    added = [callback for callback in module.configure_callbacks() if isinstance(callback, ContrastiveCrop)]
+    assert len(added) == 1 and (added[0].alpha, added[0].interval, added[0].box_threshold) == (0.6, 40, 0.1)
+
+
+def test_bam_without_contrastive_crop_adds_no_callback():
+    module = tiny_bam(contrastive_crop=False)
+    assert not any(isinstance(callback, ContrastiveCrop) for callback in module.configure_callbacks())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=0.0), "alpha=0.0"), (dict(box_threshold=1.0), "box_threshold=1.0"),
+    (dict(interval=0), "interval=0"), (dict(warmup_epochs=-1), "warmup_epochs=-1"),
+])
+def test_the_callback_refuses_impossible_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContrastiveCrop(**kwargs)
+
+
+def test_the_callback_state_round_trips():
+    source = ContrastiveCrop()
+    source.crop_boxes, source.boxes_epoch, source.guides_epoch = torch.rand(5, 4), 40, 41
+    target = ContrastiveCrop()
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target.crop_boxes, source.crop_boxes)
+    assert (target.boxes_epoch, target.guides_epoch) == (40, 41)
+
+
+def test_the_callback_refuses_a_cnn_at_fit_setup():
+    module = BAM("resnet18", projector_widths="64-64-32", top_k=8, warmup_epochs=0.0, lr=1e-3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(max_epochs=1))
+    with pytest.raises(ValueError, match="not a ViT"):
+        ContrastiveCrop().setup(trainer, module, "fit")

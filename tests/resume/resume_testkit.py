@@ -60,7 +60,7 @@ def run(method: str, root: Path, num_workers: int = 0, stop_at: int | None = Non
 
     Checkpoints ``step=N.ckpt`` every ``checkpoint_every_steps`` steps, or (None) Lightning's epoch-end
     checkpoints with ``last.ckpt``."""
-    from ssl_modules.cli import run_cli as main
+    from ssl_modules.cli import run_cli as main  # the LightningCLI object, not the exit code
 
     recorder = LossRecorder()
     if checkpoint_every_steps is None:
@@ -101,9 +101,12 @@ def _main_with_callbacks(main, args: list[str], callbacks: list[pl.Callback]):
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (bank, centers, teacher, ...) and ContrastiveCrop's boxes."""
     state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-    boxes = getattr(model, "crop_boxes", None)
-    if boxes is not None:
-        state["crop_boxes"] = boxes.clone()
+    from callbacks import ContrastiveCrop
+
+    trainer = model._trainer
+    for callback in trainer.callbacks if trainer is not None else []:
+        if isinstance(callback, ContrastiveCrop) and callback.crop_boxes is not None:
+            state["crop_boxes"] = callback.crop_boxes.clone()
     return state
 
 
