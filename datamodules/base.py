@@ -147,7 +147,7 @@ class PretrainDataModule(pl.LightningDataModule):
         """Unreadable training images skipped so far (over all worker processes)."""
         return self._train_dataset.skipped if self._train_dataset is not None else 0
 
-    # -- ContrastiveCrop guides (callbacks.ContrastiveCrop's two entry points) ------------------------------------------------
+    # -- ContrastiveCrop guides (callbacks.ContrastiveCrop's two entry points) ---------------------------------
 
     def crop_guide_dataset(self, size: int | tuple[int, int]) -> Dataset:
         """``(float normalised image, label)`` of every training image in training-set order, resized to

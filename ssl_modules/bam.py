@@ -6,7 +6,8 @@ balanced (Sinkhorn) targets at a low temperature -> cross-entropy between each g
 and the attention rows of the other crops of the same image. Follows the official code
 (``docs/bam.md``): each process keeps its own rows, the columns and the Sinkhorn span all processes.
 Optionally (``contrastive_crop=True``, on in the published runs) the crops are drawn around per-image boxes
-found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (the ``callbacks.ContrastiveCrop`` callback).
+found in the teacher's CLS attention, refreshed every ``ccrop_interval`` epochs (the ``callbacks.ContrastiveCrop``
+callback).
 """
 from __future__ import annotations
 

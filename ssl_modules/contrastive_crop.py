@@ -5,7 +5,8 @@ backbone (the student's when there is no teacher) looks at every training image 
 input size: the attention of the CLS query to the patch keys in the last block, summed over heads and
 min-max normalised, is upsampled to the image side and thresholded, and the box spans the rows and columns
 where it exceeds the threshold. The DataModule then draws the training crops around the boxes
-(``datamodules.views.contrastive_crop_params``), through the two crop-guide methods of ``datamodules.PretrainDataModule``. The Lightning callback
+(``datamodules.views.contrastive_crop_params``), through the two crop-guide methods of
+``datamodules.PretrainDataModule``. The Lightning callback
 ``callbacks.ContrastiveCrop`` runs the schedule; this module holds its pure functions.
 
 Schedule, with 0-based epochs (Lightning's ``current_epoch``, and the official loop's ``epoch``):

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_VIT, quiet_trainer_kwargs
 from PIL import Image
 
-from datamodules import COCODataModule, ImageNetDataModule, LayoutError, MultiCropViews, SceneConfig, SyntheticScenesDataModule
+from datamodules import (COCODataModule, ImageNetDataModule, LayoutError, MultiCropViews, SceneConfig,
+                         SyntheticScenesDataModule)
 from ssl_modules.bam import BAM
 from ssl_modules.base import SSLModule
 from ssl_modules.vicregl import VICRegL

@@ -49,7 +49,8 @@ def tiny_args(method: str, root: Path, num_workers: int, extra: list[str] = ()) 
         "fit", "--config", str(CONFIGS / method / "synthetic_tiny.yaml"),
         f"--trainer.default_root_dir={root}", f"--trainer.max_epochs={EPOCHS}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--data.init_args.scene.num_train=256", "--data.init_args.scene.num_val=32", f"--data.init_args.num_workers={num_workers}",
+        "--data.init_args.scene.num_train=256", "--data.init_args.scene.num_val=32",
+        f"--data.init_args.num_workers={num_workers}",
         *extra,
     ]
 
