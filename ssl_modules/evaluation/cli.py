@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import ast
 import sys
 from typing import Any
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature precision (default 32: float32, as the protocols)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch and process")
-    parser.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
+    parser.add_argument("--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                        help="loader workers per process (default: 4, or the CPUs this process may use if fewer)")
     parser.add_argument("--output", default="evaluation", help="folder for evaluation.json and evaluation.txt")
     parser.add_argument("--cache-dir", help="keep extracted features here between runs (keyed by the weights)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
