@@ -4,6 +4,7 @@ import sys
 
 ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.distributed", "ssl_modules.backbones",
            "ssl_modules.visualize", "ssl_modules.evaluation", "ssl_modules.evaluation.search",
+           "ssl_modules.contrastive_crop",  # the pure attention/box functions of callbacks.ContrastiveCrop
            "datamodules", "datamodules.views"}
 
 
