@@ -230,6 +230,9 @@ def load_official_state(module: SSLModule, checkpoint: dict[str, Any]) -> None:
         state[our_key] = value.to(ours[our_key].dtype)
     if wrong:
         raise ValueError(f"the official {method} checkpoint has other shapes than this module: {'; '.join(wrong[:8])}")
+    bank, counts = state.pop("bank", None), state.pop("bank_counts", None)
+    if bank is not None and counts is not None:  # straight into the ring buffer: no second bank-size copy
+        module.memory_bank.load_logical_(bank, counts)
     module.load_state_dict(state, strict=False)
 
 
