@@ -48,7 +48,8 @@ commands:
   evaluate   offline evaluation protocols (k-NN, linear, segmentation, retrieval) on a checkpoint
 
 "python -m ssl_modules <command> --help" lists a command's options.
-Exit codes: 0 success, 1 failed run or unreadable input, 2 bad command line (docs/failures.md).
+Exit codes: 0 success, 1 failed run or unreadable input, 2 bad command line, 128 + N stopped by signal N
+(143: SIGTERM) with a checkpoint to resume from (docs/failures.md, docs/resume.md).
 """
 
 
@@ -157,6 +158,8 @@ def _cli_class() -> type[LightningCLI]:
             trainer = self.trainer
             self.failures = collect_failures(trainer.callbacks)
             self._export_and_report(Path(trainer.log_dir or trainer.default_root_dir))
+            if stop_signal(trainer) is not None:
+                trainer.strategy.barrier("stopped by a signal")  # no process exits 128+N before rank 0 is done
 
         def after_validate(self) -> None:
             self.failures = collect_failures(self.trainer.callbacks)
@@ -220,6 +223,33 @@ def probe_report(callbacks: list) -> list[str]:
     return lines
 
 
+def _exact_resume(trainer: Any) -> Any:
+    from .resume import ExactResume
+
+    return next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, ExactResume)), None)
+
+
+def stop_signal(trainer: Any) -> int | None:
+    """The signal (SIGTERM, SLURM's requeue signal) on which the fit stopped before its end, or None."""
+    resume = _exact_resume(trainer)
+    return getattr(resume, "stop_signal", None)
+
+
+def _stop_line(trainer: Any) -> str:
+    """``Run finished.``, or why and where it stopped before the end of its schedule."""
+    resume = _exact_resume(trainer)
+    reason = getattr(resume, "stopped_by", None)
+    total = getattr(trainer, "max_steps", -1)
+    try:
+        total = int(trainer.estimated_stepping_batches)
+    except Exception:  # no training loader (validate), or an infinite one
+        pass
+    if reason is None or (total > 0 and trainer.global_step >= total):
+        return "Run finished."
+    why = "max_time or a callback" if reason == "should_stop" else reason
+    return f"Run STOPPED at step {trainer.global_step} of {total} ({why}): resume it to reach the end."
+
+
 def _final_losses(trainer: Any) -> list[str]:
     metrics = trainer.callback_metrics
     return [f"{k.removeprefix('train/')}={float(v):.4g}" for k, v in sorted(metrics.items()) if k.startswith("train/")]
@@ -228,10 +258,12 @@ def _final_losses(trainer: Any) -> list[str]:
 def fit_summary(trainer: Any, model: Any, datamodule: Any, run_dir: Path, backbone: Path,
                 seconds: float | None, failures: list[str], config: Any = None) -> list[str]:
     """The end-of-fit summary lines (printed on rank zero)."""
-    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
-        trainer.checkpoint_callback, "best_model_path", "")
+    checkpoints = trainer.checkpoint_callback
+    ckpt = (getattr(_exact_resume(trainer), "stop_path", None) or getattr(checkpoints, "last_model_path", "")
+            or getattr(checkpoints, "best_model_path", ""))
     steps = trainer.global_step
-    lines = ["", "Run finished." if not failures else "Run finished, but optional parts FAILED (see below).",
+    status = _stop_line(trainer)
+    lines = ["", status if not failures else f"{status[:-1]}, and optional parts FAILED (see below).",
              f"  logs:        {run_dir}  (tensorboard --logdir {run_dir.parent})",
              f"  checkpoint:  {ckpt or 'none (checkpointing is off)'}",
              f"  backbone:    {backbone}  (timm weights; name and kwargs in {backbone.with_suffix('.json').name})"]
@@ -469,4 +501,7 @@ def main(args: list[str] | None = None) -> int:
                 print(f"error: {error}", file=sys.stderr)
             return 1
         raise
+    signum = stop_signal(cli.trainer)
+    if signum is not None:
+        return 128 + signum  # what a shell reports for a process ended by that signal: the run is not done
     return 1 if getattr(cli, "failures", None) else 0

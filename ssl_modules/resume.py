@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
+from .preemption import StopSignals, requeue_slurm_job, signal_name
+
 __all__ = [
     "RNG_KEY",
     "STOP_CHECKPOINT_NAME",
@@ -91,6 +93,11 @@ class ExactResume(pl.Callback):
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None  # this rank's RNG state, restored at the first batch
         self._stop_checkpoint: dict[str, Any] | None = None
+        self._signals = StopSignals()
+        self._save_at_train_end = False
+        self.stopped_by: str | None = None  # why training stopped before its end: "SIGTERM", "should_stop", ...
+        self.stop_signal: int | None = None  # the signal it stopped on, if any
+        self.stop_path: Path | None = None  # the checkpoint written for that stop
 
     @property
     def state_key(self) -> str:  # one per trainer, whatever its arguments
@@ -117,7 +124,8 @@ class ExactResume(pl.Callback):
                            f"has {trainer.world_size}: the step randomness restarts from rank {rank % len(states)}'s")
         self._pending = states[rank % len(states)]
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @staticmethod
+    def _run_missed_epoch_start_hooks(trainer: pl.Trainer) -> None:
         if _resumed_after_last_batch(trainer):
             # Lightning restores a checkpoint written at the end of an epoch's last batch (a step checkpoint
             # that falls on the epoch end) as "restarted mid-epoch": it counts the epoch done and starts the
@@ -136,19 +144,46 @@ class ExactResume(pl.Callback):
     # -- graceful stops -----------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # a SIGTERM reaches one process; under DDP Lightning turns it into an error before the next batch,
-        # and writing a checkpoint (a collective) from one process alone would hang
-        stopping = trainer.should_stop or (trainer.received_sigterm and trainer.world_size == 1)
-        last_batch = batch_idx + 1 >= trainer.num_training_batches
-        if not stopping or last_batch or self._stop_checkpoint is not None or trainer.sanity_checking:
+        signum = self._signals.agreed(trainer)  # a collective under DDP: every rank, every batch
+        if trainer.sanity_checking or self.stopped_by is not None:
             return
+        if signum is None and not trainer.should_stop:
+            return
+        self.stopped_by = signal_name(signum) if signum is not None else "should_stop"
+        self.stop_signal = signum
         trainer.should_stop = True
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch is complete: its end-of-epoch work (ContrastiveCrop's boxes, ModelCheckpoint) runs as
+            # usual, and a signal's checkpoint is written once training has ended
+            self._save_at_train_end = signum is not None
+            return
         self._stop_checkpoint = _detached_copy(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
         self._freeze_later_checkpoints(trainer)
-        path = self._stop_path(trainer)
+        self._save_stop_checkpoint(trainer, f"in the middle of epoch {trainer.current_epoch}",
+                                   "to run the rest of the epoch")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stopped_by = self.stop_signal = self.stop_path = None
+        self._save_at_train_end = False
+        self._signals.install(trainer)
+        self._run_missed_epoch_start_hooks(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._signals.uninstall()
+        if self._save_at_train_end:
+            self._save_stop_checkpoint(trainer, f"at the end of epoch {trainer.current_epoch - 1}",
+                                       "to run the next epochs")
+
+    def _save_stop_checkpoint(self, trainer: pl.Trainer, where: str, what: str) -> None:
+        requeue = self.stop_signal is not None and self.stop_signal == self._signals.requeue_signal
+        path = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)) if requeue \
+            else self._stop_path(trainer)
         trainer.save_checkpoint(path)
-        rank_zero_info(f"Stopped in the middle of epoch {trainer.current_epoch} (step {trainer.global_step}): "
-                       f"saved {path}; resume with --ckpt_path {path} (or last) to run the rest of the epoch")
+        self.stop_path = path
+        rank_zero_info(f"Stopped {where} (step {trainer.global_step}, {self.stopped_by}): saved {path}; resume "
+                       f"with --ckpt_path {path} (or last) {what}")
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()  # the requeued job resumes hpc_ckpt_N.ckpt by itself (Lightning's SLURM rule)
 
     def _freeze_later_checkpoints(self, trainer: pl.Trainer) -> None:
         """Every checkpoint written for the rest of this fit (ModelCheckpoint's epoch-end save on the way
@@ -168,6 +203,7 @@ class ExactResume(pl.Callback):
         return Path(folder) / STOP_CHECKPOINT_NAME
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._signals.uninstall()
         if self._stop_checkpoint is not None:
             trainer._checkpoint_connector.__dict__.pop("dump_checkpoint", None)
             self._stop_checkpoint = None
@@ -290,5 +326,6 @@ def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[s
         differences = hparam_differences(saved, given)
         if differences:
             lines.append(f"hyper-parameters that differ from {path.name}'s (the config's values are applied):")
-            lines += [f"  {name}: {old!r} -> {new!r}" for name, (old, new) in sorted(differences.items())]
+            lines += [f"  {name}: {old!r} -> {new!r}{' (the default, resolved by the module)' if new is None else ''}"
+                      for name, (old, new) in sorted(differences.items())]
     return lines

@@ -121,3 +121,50 @@ def assert_same_run(reference: dict[str, Any], resumed_losses: dict[int, float],
     for name, tensor in reference["state"].items():
         torch.testing.assert_close(final["state"][name], tensor, rtol=1e-5, atol=1e-6,
                                    msg=functools.partial("{}: {}".format, name))
+
+
+class SignalAt(pl.Callback):
+    """Process ``rank`` sends itself ``signum`` (SIGTERM by default) at the end of global step ``step``, as a
+    scheduler's pre-emption would, in the middle of the training loop."""
+
+    def __init__(self, step: int, signum: int = 15, rank: int = 0) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            import os
+
+            os.kill(os.getpid(), self.signum)
+
+
+def cli_subprocess(method: str, root: Path, out: Path, extra: list[str] = (), devices: int = 2,
+                   signal_at: tuple[int, int, int] | None = None, env: dict[str, str] | None = None,
+                   checkpoint_every_steps: int = 2) -> int:
+    """``python -m ssl_modules fit`` of ``method`` in a subprocess (``devices`` gloo DDP processes, 0 workers),
+    rank 0 writing its losses and final tensors to ``out``; ``signal_at`` = (step, signal, rank) sends that
+    process the signal at that step. Returns the exit code."""
+    import os
+    import subprocess
+    import sys
+
+    def entry(class_path: str, init_args: dict[str, Any]) -> str:
+        import json
+
+        return "--trainer.callbacks+=" + json.dumps({"class_path": class_path, "init_args": init_args})
+
+    callbacks = [entry("resume_testkit.LossRecorder", {"path": str(out)}),
+                 entry("lightning.pytorch.callbacks.ModelCheckpoint",
+                       {"dirpath": str(root / "checkpoints"), "every_n_train_steps": checkpoint_every_steps,
+                        "save_top_k": -1, "filename": "{step}"})]
+    if signal_at is not None:
+        step, signum, rank = signal_at
+        callbacks.append(entry("resume_testkit.SignalAt", {"step": step, "signum": signum, "rank": rank}))
+    distributed = ["--trainer.devices=2", "--trainer.strategy=ddp"] if devices == 2 else ["--trainer.devices=1"]
+    args = tiny_args(method, root, 0, [*distributed, "--trainer.accelerator=cpu", *callbacks, *extra])
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "ssl_modules", *args], check=False, cwd=root.parent,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    if result.returncode not in (0, 128 + (signal_at or (0, 0))[1]):
+        raise AssertionError(f"exit code {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result.returncode

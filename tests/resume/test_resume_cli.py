@@ -9,14 +9,11 @@ the uninterrupted runs with 0 and 2 workers are equal.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from resume_testkit import REPO, TOTAL_STEPS, assert_same_run, run, tiny_args
+from resume_testkit import TOTAL_STEPS, assert_same_run, cli_subprocess, run
 
 pytestmark = pytest.mark.slow
 
@@ -67,27 +64,11 @@ def test_a_graceful_mid_epoch_stop_is_not_superseded_by_the_epoch_end_checkpoint
         assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 4
 
 
-def _ddp_fit(root: Path, out: Path, extra: list[str]) -> None:
-    """A 2-process gloo DDP fit of VICRegL in a subprocess (``python -m ssl_modules``)."""
-    recorder = f'{{"class_path": "resume_testkit.LossRecorder", "init_args": {{"path": "{out}"}}}}'
-    checkpoints = ('{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
-                   f'{{"dirpath": "{root / "checkpoints"}", "every_n_train_steps": 2, "save_top_k": -1, '
-                   '"filename": "{step}"}}')
-    args = tiny_args("vicregl", root, 0, ["--trainer.devices=2", "--trainer.strategy=ddp",
-                                          f"--trainer.callbacks+={recorder}", f"--trainer.callbacks+={checkpoints}",
-                                          *extra])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "ssl_modules", *args], check=False, cwd=root.parent, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_ddp_two_processes_resume_exactly(tmp_path):
     """2 gloo processes, 4 steps per epoch (16 in all): resume from the step-10 checkpoint (mid-epoch)."""
-    _ddp_fit(tmp_path / "ref", tmp_path / "ref.pt", [])
-    _ddp_fit(tmp_path / "resumed", tmp_path / "resumed.pt",
-             [f"--ckpt_path={tmp_path / 'ref' / 'checkpoints' / 'step=10.ckpt'}"])
+    assert cli_subprocess("vicregl", tmp_path / "ref", tmp_path / "ref.pt") == 0
+    assert cli_subprocess("vicregl", tmp_path / "resumed", tmp_path / "resumed.pt",
+                          [f"--ckpt_path={tmp_path / 'ref' / 'checkpoints' / 'step=10.ckpt'}"]) == 0
     reference, resumed = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "resumed.pt")
     assert reference["global_step"] == resumed["global_step"] == 16
     for step, loss in resumed["losses"].items():
