@@ -3,9 +3,11 @@
 - ``ExactResume`` (a Callback every ``SSLModule`` adds through ``configure_callbacks``): saves the RNG
   states of every process in the checkpoint (``torch`` CPU and CUDA, ``numpy``, ``random``; gathered from
   all ranks, each rank restores its own right before its first resumed step), and turns a graceful stop in
-  the middle of an epoch (``trainer.should_stop``: ``max_time``, SIGTERM, SLURM's SIGUSR1 requeue) into a
-  mid-epoch checkpoint that resumes the rest of that epoch. Checkpoints written on the way out after such
-  a stop (ModelCheckpoint's epoch-end save) hold that same mid-epoch state, so none supersedes it.
+  the middle of an epoch (``trainer.should_stop``: ``max_time``; SIGTERM or SLURM's SIGUSR1 requeue,
+  agreed by all ranks through ``preemption.StopSignals`` so every rank stops after the same batch) into a
+  mid-epoch checkpoint that resumes the rest of that epoch (``hpc_ckpt_N.ckpt`` plus ``scontrol requeue``
+  for the SLURM signal). Checkpoints written on the way out after such a stop (ModelCheckpoint's epoch-end
+  save) hold that same mid-epoch state, so none supersedes it.
 - ``resolve_last_checkpoint``: the newest checkpoint of a run's folder, for ``fit --ckpt_path last``.
 - ``checkpoint_class`` / ``check_checkpoint_class``: a checkpoint of another method class fails before
   training, naming both.
