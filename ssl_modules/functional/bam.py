@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_bool_mask
 from ._precision import full_precision
 
 __all__ = [
@@ -36,19 +37,62 @@ Gather = Callable[[Tensor], Tensor]
 backward must sum the incoming gradients over processes."""
 
 
-# --------------------------------------------------------------------------------------------- helpers
-def _check_mask(positive_mask: Tensor | None, similarity: Tensor) -> None:
-    if positive_mask is None:
-        return
-    if positive_mask.dtype != torch.bool or positive_mask.shape != similarity.shape:
+# ---------------------------------------------------------------------------------------------- checks
+def _check_positive_mask_args(batch_size: int, num_crops: int, num_target_crops: int, rank: int,
+                              world_size: int) -> None:
+    if batch_size < 1 or num_crops < 1 or num_target_crops < 1:
         raise ValueError(
-            f"positive_mask must be a bool tensor of the similarity's shape {tuple(similarity.shape)}, got "
-            f"{positive_mask.dtype} {tuple(positive_mask.shape)}: build it with bam_positive_mask"
+            f"batch_size ({batch_size}), num_crops ({num_crops}) and num_target_crops ({num_target_crops}) "
+            "must all be >= 1"
         )
+    if num_target_crops > num_crops:
+        raise ValueError(
+            f"num_target_crops ({num_target_crops}) exceeds num_crops ({num_crops}): the target crops are the "
+            "first crops of every image"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank ({rank}) must lie in [0, world_size={world_size})")
 
 
-def _images_and_crops(similarity_rows: int, target_rows: int, num_global_crops: int) -> tuple[int, int]:
-    """Number of images n and of crops V from the row counts of the similarity and the targets."""
+def _check_similarity(similarity: Tensor, positive_mask: Tensor | None) -> None:
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be a (rows, columns) matrix, got shape {tuple(similarity.shape)}")
+    check_bool_mask(positive_mask, tuple(similarity.shape), "positive_mask",
+                    "the similarity's shape; build it with bam_positive_mask")
+
+
+def _check_balanced_attention_args(similarity: Tensor, temperature: float, num_iters: int,
+                                   positive_mask: Tensor | None) -> None:
+    _check_similarity(similarity, positive_mask)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if num_iters < 0:
+        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+
+
+def _check_top_k_args(targets: Tensor, num_global_crops: int, k: int) -> None:
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be a (rows, columns) matrix, got shape {tuple(targets.shape)}")
+    rows, columns = targets.shape
+    if num_global_crops < 1 or rows % num_global_crops:
+        raise ValueError(
+            f"targets has {rows} rows, not a multiple of num_global_crops ({num_global_crops}): pass the rows "
+            "of the G global crops, crop-major"
+        )
+    if not 1 <= k <= columns:
+        raise ValueError(f"top_k ({k}) must lie in [1, {columns}] (the number of target columns): lower top_k")
+
+
+def _check_matching_args(similarity: Tensor, targets: Tensor, num_global_crops: int,
+                         positive_mask: Tensor | None) -> tuple[int, int]:
+    """The number of images n and of crops V, from the row counts of the similarity and the targets."""
+    if similarity.dim() != 2 or targets.dim() != 2 or similarity.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"similarity {tuple(similarity.shape)} and targets {tuple(targets.shape)} must be matrices with the "
+            "same columns (the target crops)"
+        )
+    _check_similarity(similarity, positive_mask)
+    similarity_rows, target_rows = similarity.shape[0], targets.shape[0]
     if num_global_crops < 1 or target_rows % num_global_crops or target_rows == 0:
         raise ValueError(
             f"targets has {target_rows} rows, which is not a positive multiple of num_global_crops "
@@ -68,6 +112,42 @@ def _images_and_crops(similarity_rows: int, target_rows: int, num_global_crops: 
     return images, crops
 
 
+def _check_bam_loss_args(
+    student: Sequence[Tensor], teacher: Sequence[Tensor] | None, num_global_crops: int, target_crops: int,
+    positive_masking: bool, top_k: int, gather: Gather | None, all_reduce: AllReduce | None, world_size: int,
+) -> None:
+    crops = len(student)
+    if crops < 2:
+        raise ValueError(f"bam_loss needs at least 2 crops per image (V >= 2), got {crops}")
+    if teacher is not None and len(teacher) != crops:
+        raise ValueError(f"teacher must give the same {crops} crops as the student, got {len(teacher)}")
+    if not 1 <= num_global_crops <= crops:
+        raise ValueError(f"num_global_crops ({num_global_crops}) must lie in [1, V={crops}]")
+    if not 1 <= target_crops <= crops:
+        raise ValueError(f"num_target_crops ({target_crops}) must lie in [1, V={crops}]")
+    every_crop = [*student, *(teacher or [])]
+    shape = student[0].shape
+    if len(shape) != 2 or any(s.shape != shape for s in every_crop):
+        raise ValueError(
+            "every student (and teacher) crop must be an (N, D) tensor of the same shape, got "
+            f"{[tuple(s.shape) for s in every_crop]}"
+        )
+    images = shape[0] * world_size
+    if positive_masking and images < 2:
+        raise ValueError(
+            "positive masking removes every column of a single-image batch: use at least 2 images per "
+            "global batch (or positive_masking=False)"
+        )
+    if world_size > 1 and (gather is None or all_reduce is None):
+        raise ValueError(f"world_size={world_size} needs both gather and all_reduce (they make the batch global)")
+    if top_k > target_crops * images:
+        raise ValueError(
+            f"top_k ({top_k}) exceeds the {target_crops * images} target columns (T * images of the global "
+            "batch): lower top_k or use a larger batch"
+        )
+
+
+# --------------------------------------------------------------------------------------------- helpers
 def _column_logsumexp(log_kernel: Tensor, all_reduce: AllReduce | None) -> Tensor:
     """``logsumexp`` of every column over its rows; with ``all_reduce``, over the rows of all processes.
 
@@ -119,18 +199,7 @@ def bam_positive_mask(
     crop-major then process-major (column ``t * W * B + q * B + j``). An entry is True iff ``q == rank``
     and ``j == i``: each row holds its image's T target crops.
     """
-    if batch_size < 1 or num_crops < 1 or num_target_crops < 1:
-        raise ValueError(
-            f"batch_size ({batch_size}), num_crops ({num_crops}) and num_target_crops ({num_target_crops}) "
-            "must all be >= 1"
-        )
-    if num_target_crops > num_crops:
-        raise ValueError(
-            f"num_target_crops ({num_target_crops}) exceeds num_crops ({num_crops}): the target crops are the "
-            "first crops of every image"
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank ({rank}) must lie in [0, world_size={world_size})")
+    _check_positive_mask_args(batch_size, num_crops, num_target_crops, rank, world_size)
     row_image = rank * batch_size + torch.arange(num_crops * batch_size, device=device) % batch_size
     images = world_size * batch_size
     column_image = torch.arange(num_target_crops * images, device=device) % images
@@ -166,13 +235,7 @@ def balanced_attention(
             this process's rows of the single-process result. Collectives: a "max" and a "sum" for the
             first column step, a "sum" for each later one; no host synchronisation.
     """
-    if similarity.dim() != 2:
-        raise ValueError(f"similarity must be a (rows, columns) matrix, got shape {tuple(similarity.shape)}")
-    _check_mask(positive_mask, similarity)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+    _check_balanced_attention_args(similarity, temperature, num_iters, positive_mask)
     log_kernel = similarity.detach() / temperature  # a fresh tensor (at least float32: @full_precision)
     if positive_mask is not None:
         log_kernel = log_kernel.masked_fill(positive_mask, float("-inf"))
@@ -195,16 +258,8 @@ def bam_top_k_targets(targets: Tensor, num_global_crops: int, k: int) -> Tensor:
     ``targets``: ``(G * n, C)`` target rows of the G global crops, crop-major. The same ``k`` columns are
     kept in every global crop's row of an image, the others set to 0, and every row is renormalised to 1.
     """
-    if targets.dim() != 2:
-        raise ValueError(f"targets must be a (rows, columns) matrix, got shape {tuple(targets.shape)}")
+    _check_top_k_args(targets, num_global_crops, k)
     rows, columns = targets.shape
-    if num_global_crops < 1 or rows % num_global_crops:
-        raise ValueError(
-            f"targets has {rows} rows, not a multiple of num_global_crops ({num_global_crops}): pass the rows "
-            "of the G global crops, crop-major"
-        )
-    if not 1 <= k <= columns:
-        raise ValueError(f"top_k ({k}) must lie in [1, {columns}] (the number of target columns): lower top_k")
     per_crop = targets.reshape(num_global_crops, rows // num_global_crops, columns)
     best = per_crop.mean(dim=0).topk(k, dim=1).indices
     keep = torch.zeros(per_crop.shape[1:], dtype=torch.bool, device=targets.device).scatter(1, best, True)
@@ -237,13 +292,7 @@ def attention_matching_loss(
     Returns:
         ``{"loss": scalar, "attention": (V * n, C)}``, the attention being the masked row softmax (no graph).
     """
-    if similarity.dim() != 2 or targets.dim() != 2 or similarity.shape[1] != targets.shape[1]:
-        raise ValueError(
-            f"similarity {tuple(similarity.shape)} and targets {tuple(targets.shape)} must be matrices with the "
-            "same columns (the target crops)"
-        )
-    _check_mask(positive_mask, similarity)
-    images, crops = _images_and_crops(similarity.shape[0], targets.shape[0], num_global_crops)
+    images, crops = _check_matching_args(similarity, targets, num_global_crops, positive_mask)
     dtype = similarity.dtype  # at least float32 (@full_precision): half cannot carry similarity / 0.05
     logits = similarity / temperature
     if positive_mask is not None:  # the finite minimum after the division: exp gives 0, no -inf around
@@ -304,37 +353,10 @@ def bam_loss(
         ``{"loss": scalar, "attention": (V * N, T * N), "targets": (G * N, T * N)}`` (under DDP: local
         rows of the gathered columns).
     """
-    crops = len(student)
-    if crops < 2:
-        raise ValueError(f"bam_loss needs at least 2 crops per image (V >= 2), got {crops}")
-    if teacher is not None and len(teacher) != crops:
-        raise ValueError(f"teacher must give the same {crops} crops as the student, got {len(teacher)}")
     target_crops = num_global_crops if num_target_crops is None else num_target_crops
-    if not 1 <= num_global_crops <= crops:
-        raise ValueError(f"num_global_crops ({num_global_crops}) must lie in [1, V={crops}]")
-    if not 1 <= target_crops <= crops:
-        raise ValueError(f"num_target_crops ({target_crops}) must lie in [1, V={crops}]")
-    shape = student[0].shape
-    if len(shape) != 2 or any(s.shape != shape for s in [*student, *(teacher or [])]):
-        raise ValueError(
-            "every student (and teacher) crop must be an (N, D) tensor of the same shape, got "
-            f"{[tuple(s.shape) for s in [*student, *(teacher or [])]]}"
-        )
-    batch = shape[0]
-    if positive_masking and batch * world_size < 2:
-        raise ValueError(
-            "positive masking removes every column of a single-image batch: use at least 2 images per "
-            "global batch (or positive_masking=False)"
-        )
-    distributed = (gather, all_reduce)
-    if world_size > 1 and any(fn is None for fn in distributed):
-        raise ValueError(f"world_size={world_size} needs both gather and all_reduce (they make the batch global)")
-    num_columns = target_crops * world_size * batch
-    if top_k > num_columns:
-        raise ValueError(
-            f"top_k ({top_k}) exceeds the {num_columns} target columns (T * images of the global batch): "
-            "lower top_k or use a larger batch"
-        )
+    _check_bam_loss_args(student, teacher, num_global_crops, target_crops, positive_masking, top_k, gather,
+                         all_reduce, world_size)
+    crops, batch = len(student), student[0].shape[0]
 
     dtype = student[0].dtype
     rows = F.normalize(torch.cat(list(student)).to(dtype), dim=-1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_bool_mask
 from ._precision import full_precision
 
 __all__ = [
@@ -71,11 +72,6 @@ def _two_views(tensors: Sequence[Tensor], name: str, layout: str, ndim: int) -> 
 def _check_center(center: Tensor, width: int, name: str) -> None:
     if center.shape not in ((width,), (1, width)):
         raise ValueError(f"{name} must have shape ({width},) or (1, {width}) (the head width), got {_shape(center)}")
-
-
-def _check_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, meaning: str) -> None:
-    if mask is not None and (mask.dtype != torch.bool or _shape(mask) != shape):
-        raise ValueError(f"{name} must be a bool tensor of shape {shape} ({meaning}), got {mask.dtype} {_shape(mask)}")
 
 
 def _values_checkable(t: Tensor) -> bool:
@@ -287,8 +283,8 @@ def _check_retrieval_inputs(
         )
     if bank.shape[1] == 0:
         raise ValueError("bank has no rows: pass at least one (valid) bank row, e.g. bank[:, :counts.sum()]")
-    _check_mask(query_valid, (queries.shape[1],), "query_valid", "which query rows are real objects")
-    _check_mask(bank_valid, (bank.shape[1],), "bank_valid", "which bank rows may be retrieved")
+    check_bool_mask(query_valid, (queries.shape[1],), "query_valid", "which query rows are real objects")
+    check_bool_mask(bank_valid, (bank.shape[1],), "bank_valid", "which bank rows may be retrieved")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (bank rows per search chunk) or None, got {chunk_size!r}")
 
@@ -365,6 +361,21 @@ def cycle_consistent_neighbours(
     return {"indices": indices, "neighbours": neighbours, "mask": mask}
 
 
+def _check_cycle_inputs(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None,
+                        query_groups: Tensor | None) -> None:
+    if queries.dim() != 3 or queries.shape[0] != 2 or jumped_keys.shape != queries.shape:
+        raise ValueError(
+            f"jumped_keys and queries must both be (2, M, D) (one row per query of each view), got "
+            f"{_shape(jumped_keys)} and {_shape(queries)}"
+        )
+    check_bool_mask(query_valid, (queries.shape[1],), "query_valid", "which query rows are real objects")
+    if query_groups is not None and _shape(query_groups) != (queries.shape[1],):
+        raise ValueError(
+            f"query_groups must be (M,) = ({queries.shape[1]},), the group (image) of each query row, "
+            f"got {_shape(query_groups)}"
+        )
+
+
 @full_precision
 def cycle_mask(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None = None,
                query_groups: Tensor | None = None) -> Tensor:
@@ -376,6 +387,7 @@ def cycle_mask(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None 
     ``1 - v`` in the same group lands on row ``m``. Shared by the functional reference and the in-place
     :class:`~ssl_modules.memory_bank.ObjectMemoryBank`.
     """
+    _check_cycle_inputs(jumped_keys, queries, query_valid, query_groups)
     num_queries = queries.shape[1]
     back = jumped_keys @ queries.flip(0).transpose(1, 2)  # (2, M, M)
     if query_valid is not None:
@@ -413,7 +425,7 @@ def _check_padded_enqueue_inputs(bank: Tensor, counts: Tensor, objects: Tensor, 
     if objects.dim() != 4 or objects.shape[0] != 2:
         raise ValueError(f"objects must be (2, B, K, D): teacher objects padded per image, got {_shape(objects)}")
     _, batch, clusters, dim = objects.shape
-    _check_mask(valid, (batch, clusters), "valid", "clusters present in both views")
+    check_bool_mask(valid, (batch, clusters), "valid", "clusters present in both views")
     _check_bank(bank, counts, dim)
     if bank.shape[1] < clusters * counts.shape[0]:
         raise ValueError(
@@ -518,8 +530,15 @@ def _check_object_loss_inputs(student: Sequence[Tensor], teacher: Sequence[Tenso
     _check_object_pair(teacher, teacher_name, (rows, width))
     _check_center(center, width, "center")
     if mask is not None:
-        _check_mask(mask, (2, rows), "mask", "the cycle-consistency mask")
-    _check_mask(valid, (rows,), "valid", "which object rows are real")
+        check_bool_mask(mask, (2, rows), "mask", "the cycle-consistency mask")
+    check_bool_mask(valid, (rows,), "valid", "which object rows are real")
+
+
+def _check_cross_image_loss_inputs(student: Sequence[Tensor], neighbours: Sequence[Tensor], mask: Tensor | None,
+                                   center: Tensor, valid: Tensor | None) -> None:
+    if mask is None:
+        raise ValueError("mask must be the (2, M) bool cycle-consistency mask, got None")
+    _check_object_loss_inputs(student, neighbours, center, valid, mask, teacher_name="neighbours")
 
 
 @full_precision
@@ -592,9 +611,7 @@ def cribo_cross_image_loss(
     (official: the view-1 count normalises both terms); when ``Z1 = 0`` it is 0, still attached to the
     student's graph (zero gradient), whatever ``mask[1]`` holds. No branch on tensor values.
     """
-    if mask is None:
-        raise ValueError("mask must be the (2, M) bool cycle-consistency mask, got None")
-    _check_object_loss_inputs(student, neighbours, center, valid, mask, teacher_name="neighbours")
+    _check_cross_image_loss_inputs(student, neighbours, mask, center, valid)
     if valid is not None:
         mask = mask & valid
     dtype = _work_dtype(student[0].dtype)

@@ -499,6 +499,29 @@ def vicregl_local_loss(
 
 
 # ======================================================================================= full loss
+def _check_vicregl_inputs(
+    embeddings: Sequence[Tensor] | None, maps: Sequence[Tensor] | None, locations: Sequence[Tensor] | None,
+    alpha: float, num_matches: tuple[int | None, int | None], gather: Gather | None,
+) -> list[tuple[int, int]]:
+    """The checks of :func:`vicregl_loss`; returns the local criterion's view pairs (none when ``alpha == 1``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if alpha > 0 and embeddings is None:
+        raise ValueError(f"embeddings are required when alpha > 0 (alpha={alpha}); pass them or set alpha=0")
+    if alpha < 1 and (maps is None or locations is None):
+        raise ValueError(f"maps and locations are required when alpha < 1 (alpha={alpha}); pass them or set alpha=1")
+    if alpha == 1:
+        return []
+    pairs = _anchor_pairs(len(maps))
+    _check_local_inputs(maps, locations, pairs, num_matches, check_batch=gather is None)
+    if alpha > 0 and (len(embeddings) != len(maps) or embeddings[0].shape[0] != maps[0].shape[0]):
+        raise ValueError(
+            f"embeddings and maps must come from the same views and images: got {len(embeddings)} and "
+            f"{len(maps)} views, batch sizes {embeddings[0].shape[0]} and {maps[0].shape[0]}"
+        )
+    return pairs
+
+
 @full_precision
 def vicregl_loss(
     embeddings: Sequence[Tensor] | None,
@@ -532,21 +555,7 @@ def vicregl_loss(
         ``local_covariance``, ``location_loss``, ``feature_loss`` (the local criterion averaged over the
         ``2 (V - 1)`` ordered pairs (large view ``i``, other view ``j``); small views are never paired).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if alpha > 0 and embeddings is None:
-        raise ValueError(f"embeddings are required when alpha > 0 (alpha={alpha}); pass them or set alpha=0")
-    if alpha < 1 and (maps is None or locations is None):
-        raise ValueError(f"maps and locations are required when alpha < 1 (alpha={alpha}); pass them or set alpha=1")
-    local_pairs: list[tuple[int, int]] = []
-    if alpha < 1:
-        local_pairs = _anchor_pairs(len(maps))
-        _check_local_inputs(maps, locations, local_pairs, num_matches, check_batch=gather is None)
-    if alpha > 0 and alpha < 1 and (len(embeddings) != len(maps) or embeddings[0].shape[0] != maps[0].shape[0]):
-        raise ValueError(
-            f"embeddings and maps must come from the same views and images: got {len(embeddings)} and "
-            f"{len(maps)} views, batch sizes {embeddings[0].shape[0]} and {maps[0].shape[0]}"
-        )
+    local_pairs = _check_vicregl_inputs(embeddings, maps, locations, alpha, num_matches, gather)
     coeffs = dict(inv_coeff=inv_coeff, var_coeff=var_coeff, cov_coeff=cov_coeff, eps=eps)
     out: dict[str, Tensor] = {}
     parts: list[Tensor] = []

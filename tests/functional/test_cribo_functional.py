@@ -425,3 +425,25 @@ def test_back_search_stays_inside_the_query_group():
     grouped = C.cycle_consistent_neighbours(queries, bank, query_groups=torch.tensor([0, 0, 1, 1]))
     assert not ungrouped["mask"][0, 0]  # lands on object 2
     assert grouped["mask"][0, 0]  # object 2 is another process's: the search lands on object 0 itself
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(jumped_keys=torch.zeros(2, 5, 3), queries=torch.zeros(2, 4, 3)), r"\(2, M, D\)"),
+        (dict(jumped_keys=torch.zeros(3, 4, 3), queries=torch.zeros(3, 4, 3)), r"\(2, M, D\)"),
+        (dict(jumped_keys=torch.zeros(2, 4, 3), queries=torch.zeros(2, 4, 3),
+              query_valid=torch.ones(2, 4, dtype=torch.bool)), r"query_valid must be a bool tensor of shape \(4,\)"),
+        (dict(jumped_keys=torch.zeros(2, 4, 3), queries=torch.zeros(2, 4, 3), query_groups=torch.zeros(3)),
+         r"query_groups must be \(M,\) = \(4,\)"),
+    ],
+)
+def test_cycle_mask_rejects_inconsistent_shapes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        C.cycle_mask(**kwargs)
+
+
+def test_cross_image_loss_needs_the_cycle_mask():
+    with pytest.raises(ValueError, match=r"mask must be the \(2, M\) bool cycle-consistency mask, got None"):
+        C.cribo_cross_image_loss(_logits(4, seed=1), _logits(4, seed=2), None, torch.zeros(8), 0.05)
