@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.reading import read_image  # noqa: E402
-from datamodules.scenes import render_scene  # noqa: E402
+from datamodules.synthetic import render_scene  # noqa: E402
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8  # noqa: E402
 from datamodules.views import PRESETS, CropSpec, MultiCropViews  # noqa: E402
 

@@ -234,7 +234,7 @@ def test_generation_is_deterministic_cached_and_atomic(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user stopped it
-    monkeypatch.setattr(synthetic, "generate_scenes", fail)
+    monkeypatch.setattr(synthetic.layouts, "generate_scenes", fail)
     first.prepare_data()  # cached: no generation
     interrupted = SyntheticScenesDataModule(root=str(tmp_path / "d"), **small)
     with pytest.raises(KeyboardInterrupt):

@@ -3,7 +3,7 @@ import pytest
 
 from datamodules.synthetic import SceneConfig
 
-from datamodules.scenes import render_scene
+from datamodules.synthetic import render_scene
 
 
 def test_a_palette_restricts_every_colour_of_the_scene():
