@@ -124,6 +124,14 @@ def _cli_class() -> type[LightningCLI]:
             self._fit_started = time.perf_counter()
 
         def _parse_ckpt_path(self) -> None:
+            """Lightning >= 2.5.5 calls this right after parsing, to apply a checkpoint's hyper-parameters over the
+            config's. Here only where the config names no model (they then come from the checkpoint); otherwise
+            ``before_instantiate_classes`` handles ``--ckpt_path``."""
+            self._check_ckpt_path()
+            if self._subcommand_section() is not None and not self._config_names_model():
+                super()._parse_ckpt_path()
+
+        def before_instantiate_classes(self) -> None:
             """``--ckpt_path``: the file must be a readable checkpoint (checked before any run folder exists);
             ``last`` finds the run's newest checkpoint; another method's checkpoint fails naming both classes;
             the config's hyper-parameters are applied with the differences printed
@@ -133,16 +141,19 @@ def _cli_class() -> type[LightningCLI]:
             from ssl_modules.resume import prepare_resume
 
             self._check_ckpt_path()
+            section = self._subcommand_section()
+            if section is not None and self._config_names_model():
+                for line in prepare_resume(section):
+                    rank_zero_only(print)(line)
+
+        def _subcommand_section(self) -> Any:
+            """The parsed config of the subcommand (``fit``, ``validate``, ...), or None without one."""
             subcommand = self.config.get("subcommand")
-            if not subcommand:
-                return
-            section = self.config[subcommand]
-            model = section.get("model")
-            if model is None or not model.get("class_path"):
-                super()._parse_ckpt_path()  # no model in the config: its hyper-parameters come from the checkpoint
-                return
-            for line in prepare_resume(section):
-                rank_zero_only(print)(line)
+            return self.config[subcommand] if subcommand else None
+
+        def _config_names_model(self) -> bool:
+            model = self._subcommand_section().get("model")
+            return model is not None and bool(model.get("class_path"))
 
         def _check_ckpt_path(self) -> None:
             """A given ``--ckpt_path`` must be a readable checkpoint before the run folder is created."""
@@ -393,11 +404,12 @@ def _init_parameters(cls: type) -> list[str]:
 
 def did_you_mean(message: str) -> str | None:
     """A short message for an unknown constructor argument in a jsonargparse error, with the closest names."""
-    option = re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", message)
+    option = re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected"
+                       r'|No action for key "([^"]+)"', message)  # the last: jsonargparse < 4.32
     owner = re.search(r"class_path '([^']+)'", message)
     if not option:
         return None
-    name = option.group(1) or option.group(2)
+    name = next(group for group in option.groups() if group)
     name = name.rsplit(".", 1)[-1]
     candidates: list[str] = []
     label = "this class"

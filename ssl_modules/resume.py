@@ -266,11 +266,14 @@ def _plain(value: Any) -> Any:
 def _import_class(class_path: str) -> type | None:
     """The class of a config's ``class_path`` (dotted, or a short name of ``ssl_modules``), or None."""
     module_name, _, name = class_path.rpartition(".")
+    module_name = module_name or "ssl_modules"
     try:
-        module = importlib.import_module(module_name or "ssl_modules")
-        return getattr(module, name, None)
-    except ImportError:
-        return None
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:  # the user's module is not importable here; its own failures propagate
+        if error.name is not None and module_name.startswith(error.name):
+            return None
+        raise
+    return getattr(module, name, None)
 
 
 def _read_for_resume(path: Path) -> dict[str, Any]:

@@ -2,23 +2,31 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, fn: Callable, world_size: int, init_file: str, out_dir: str, args: tuple) -> None:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _worker(rank: int, fn: Callable, world_size: int, init_method: str, out_dir: str, args: tuple) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # nobody tears the group down while another process still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -26,10 +34,12 @@ def _worker(rank: int, fn: Callable, world_size: int, init_file: str, out_dir: s
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; return the results.
 
-    ``fn`` must be importable (defined at module level). Results go through ``torch.save``.
+    ``fn`` must be importable (defined at module level). Results go through ``torch.save``. The processes
+    meet over TCP on a free local port: a ``file://`` store can hang in ``destroy_process_group`` on
+    torch 2.6 when one process removes the file while another still waits on it.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "init")
-        mp.start_processes(_worker, args=(fn, world_size, init_file, tmp, args), nprocs=world_size,
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        mp.start_processes(_worker, args=(fn, world_size, init_method, tmp, args), nprocs=world_size,
                            start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

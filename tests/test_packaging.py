@@ -47,3 +47,26 @@ def test_the_version_floors_cover_the_apis_the_code_uses():
     as_tuple = lambda version: tuple(int(p) for p in version.split("."))  # noqa: E731
     assert as_tuple(floors["torch"]) >= (2, 6)  # torch.accelerator
     assert as_tuple(floors["torchvision"]) >= (0, 21)  # public v2 Transform.make_params / transform
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in text.split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+def _floors() -> dict[str, str]:
+    project = PYPROJECT["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    return {name.lower(): floor for name, floor in
+            (re.match(r"([\w.-]+)(?:\[.*\])?>=([\d.]+)", dep).groups() for dep in requirements)}
+
+
+def test_the_minimum_versions_install_pins_exactly_the_floors_of_pyproject():
+    """``.ci/min-versions`` installs ``.ci/min-versions.txt``: one ``==`` pin per requirement, at its floor."""
+    lines = [line.split("#")[0].strip() for line in (REPO / ".ci" / "min-versions.txt").read_text().splitlines()]
+    pins = {name.lower(): version for name, version in
+            (re.match(r"([\w.-]+)(?:\[.*\])?==([\d.]+)$", line).groups() for line in lines if line)}
+    floors = _floors()
+    assert pins.keys() == floors.keys()
+    for name, floor in floors.items():
+        assert _version(pins[name]) == _version(floor), name

@@ -101,11 +101,8 @@ def _exported(path: Path) -> Backbone:
 def _official(path: Path, method: str, teacher: bool) -> Backbone:
     """An official CrIBo/BAM/VICRegL training checkpoint, read by ``ssl_modules.official.load_official``
     (``method="auto"`` tells the method from the checkpoint's layout)."""
-    try:
-        from ssl_modules import official as official_loaders
-    except ImportError as error:
-        raise ModelSourceError("official checkpoints need ssl_modules.official, which this installation lacks; "
-                               "export the backbone with the official code's own tools instead") from error
+    from ssl_modules import official as official_loaders  # here: it builds every method's module
+
     if not path.is_file():
         raise ModelSourceError(f"no official checkpoint at {path}")
     try:

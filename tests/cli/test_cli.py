@@ -78,8 +78,11 @@ def test_a_typo_in_a_model_argument_gives_a_short_did_you_mean(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_did_you_mean_follows_kwargs_into_the_base_class():
-    message = "Problem with given class_path 'ssl_modules.CrIBo':\n  Option 'warmup_epoch' is not accepted"
+@pytest.mark.parametrize("complaint", ["Option 'warmup_epoch' is not accepted",
+                                       'Validation failed: No action for key "warmup_epoch" to check its value.'])
+def test_did_you_mean_follows_kwargs_into_the_base_class(complaint):
+    """Both wordings: jsonargparse's current one and that of older releases (4.27, the floor)."""
+    message = f"Problem with given class_path 'ssl_modules.CrIBo':\n  {complaint}"
     assert "did you mean 'warmup_epochs'" in did_you_mean(message)
 
 

@@ -212,18 +212,3 @@ def test_a_checkpoint_is_evaluated_through_its_teacher_unless_the_student_is_ask
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelSourceError, match="broken.ckpt"):
         load_backbone(tmp_path / "broken.ckpt")
-
-
-def test_official_checkpoints_without_the_loader_module_get_a_clear_error(tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_official(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "ssl_modules" and fromlist and "official" in fromlist:
-            raise ImportError("no official")
-        return real_import(name, globals, locals, fromlist, level)
-    monkeypatch.setattr(builtins, "__import__", no_official)
-    (tmp_path / "checkpoint.pth").write_bytes(b"")
-    with pytest.raises(ModelSourceError, match="ssl_modules.official"):
-        load_backbone(tmp_path / "checkpoint.pth", official="cribo")
