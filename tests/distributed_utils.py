@@ -26,17 +26,20 @@ def _worker(rank: int, fn: Callable, world_size: int, init_method: str, out_dir:
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # nobody tears the group down while another process still talks to it
-    finally:
+        dist.barrier()  # every result is on disk
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # No destroy_process_group on success: on torch 2.6 it sometimes waits forever in the last process once
+    # the others have left; the process ends here and the operating system closes its sockets.
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; return the results.
 
     ``fn`` must be importable (defined at module level). Results go through ``torch.save``. The processes
-    meet over TCP on a free local port: a ``file://`` store can hang in ``destroy_process_group`` on
-    torch 2.6 when one process removes the file while another still waits on it.
+    meet over TCP on a free local port.
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
