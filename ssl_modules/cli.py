@@ -127,8 +127,8 @@ def _cli_class() -> type[LightningCLI]:
             """Lightning >= 2.5.5 calls this right after parsing, to apply a checkpoint's hyper-parameters over the
             config's. Here only where the config names no model (they then come from the checkpoint); otherwise
             ``before_instantiate_classes`` handles ``--ckpt_path``."""
-            self._check_ckpt_path()
             if self._subcommand_section() is not None and not self._config_names_model():
+                self._check_ckpt_path()  # before Lightning reads the file
                 super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:
@@ -141,9 +141,8 @@ def _cli_class() -> type[LightningCLI]:
             from ssl_modules.resume import prepare_resume
 
             self._check_ckpt_path()
-            section = self._subcommand_section()
-            if section is not None and self._config_names_model():
-                for line in prepare_resume(section):
+            if self._config_names_model():
+                for line in prepare_resume(self._subcommand_section()):
                     rank_zero_only(print)(line)
 
         def _subcommand_section(self) -> Any:
@@ -152,7 +151,8 @@ def _cli_class() -> type[LightningCLI]:
             return self.config[subcommand] if subcommand else None
 
         def _config_names_model(self) -> bool:
-            model = self._subcommand_section().get("model")
+            section = self._subcommand_section()
+            model = section.get("model") if section is not None else None
             return model is not None and bool(model.get("class_path"))
 
         def _check_ckpt_path(self) -> None:
