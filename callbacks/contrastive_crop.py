@@ -10,15 +10,18 @@ the guides were set for) lives in the Lightning checkpoint, so a resumed run dra
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_modules import distributed
+from ssl_modules.optional_parts import isolated_rng, stopped_early
 from ssl_modules.contrastive_crop import (
     boxes_from_attention,
     check_attention_backbone,
@@ -31,6 +34,9 @@ from ssl_modules.contrastive_crop import (
 )
 
 __all__ = ["ContrastiveCrop"]
+
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('train/crop_box_area'",
+                        category=PossibleUserWarning)
 
 _GUIDE_METHODS = ("crop_guide_dataset", "set_crop_guides")
 
@@ -113,8 +119,10 @@ class ContrastiveCrop(pl.Callback):
         return boxes.cpu()
 
     def update_crop_boxes(self, pl_module: pl.LightningModule, epoch: int) -> Tensor:
-        """Recompute ``crop_boxes`` (recorded as computed at the end of ``epoch``); returns them."""
-        self.crop_boxes = self.compute_crop_boxes(pl_module)
+        """Recompute ``crop_boxes`` (recorded as computed at the end of ``epoch``); returns them. The global
+        random generators are left as they were, so the training step draws what it would have drawn."""
+        with isolated_rng():
+            self.crop_boxes = self.compute_crop_boxes(pl_module)
         self.boxes_epoch = epoch
         return self.crop_boxes
 
@@ -161,11 +169,15 @@ class ContrastiveCrop(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        if stopped_early(trainer):
+            # a signal or max_time stop: no pass over the data set in the grace period; the resumed run
+            # computes the same boxes at its start (on_train_epoch_start), from the same weights
+            return
         if is_box_update_epoch(epoch, self.interval, self.warmup_epochs, trainer.max_epochs):
             boxes = self.update_crop_boxes(pl_module, epoch)
             area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean()
-            pl_module.log("train/crop_box_area", area.item(), on_step=False, on_epoch=True,
-                          sync_dist=distributed.world_size() > 1)  # the same on every process
+            # equal on every process: no sync_dist, whose reduction the progress bar would run on rank 0 alone
+            pl_module.log("train/crop_box_area", area.item(), on_step=False, on_epoch=True, sync_dist=False)
         self._push_crop_guides(trainer, epoch + 1)
 
     # ------------------------------------------------------------------------------------------- the state

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
+from ssl_modules.optional_parts import isolated_rng
 from ssl_modules.visualize import segmentation_comparison, tile
 
 __all__ = ["VisualDiagnostics", "tensorboard_writer", "log_segmentation_examples"]
@@ -43,9 +43,11 @@ class VisualDiagnostics(Callback):
 
     The module returns ``{name: float image (3, H, W) in [0, 1]}`` for a training batch (CrIBo's object
     clusters over the crops, VICRegL's matched cells, BAM's attention and Sinkhorn targets); each picture is
-    added as ``<prefix><name>`` at the current global step. Runs on the global rank 0 process only, before the
-    batch's training step, and only when the trainer has a ``TensorBoardLogger`` (a warning says so once
-    otherwise). Each picture carries its own caption (what the rows, columns and colours are).
+    added as ``<prefix><name>`` at the current global step. Runs on the global rank 0 process only (so
+    ``visual_diagnostics`` must issue no collective), before the batch's training step, and only when the
+    trainer has a ``TensorBoardLogger`` (a warning says so once otherwise). Each picture carries its own
+    caption (what the rows, columns and colours are). Drawing runs on the global random generators
+    without changing them: a run with pictures trains exactly as the run without them, and resumes exactly.
 
     Pictures are optional: if drawing fails (an exception in ``visual_diagnostics`` or a picture that is not
     ``(3, H, W)``), the error is reported once, the callback disables itself, training goes on, and the
@@ -86,7 +88,7 @@ class VisualDiagnostics(Callback):
             return
         self._last_step = trainer.global_step
         try:
-            with torch.no_grad():
+            with torch.no_grad(), isolated_rng():
                 pictures = pl_module.visual_diagnostics(batch)
             for name, picture in pictures.items():
                 check_picture(name, picture)
@@ -103,15 +105,10 @@ class VisualDiagnostics(Callback):
 
     def fail(self, trainer: pl.Trainer, error: Exception) -> None:
         """Report a drawing failure once, keep it in ``failures`` and stop drawing."""
-        message = (f"VisualDiagnostics: drawing the pictures failed at step {trainer.global_step} and is now off: "
-                   f"{type(error).__name__}: {error}")
+        message = (f"VisualDiagnostics: drawing the pictures failed on rank {trainer.global_rank} at step "
+                   f"{trainer.global_step} and is now off: {type(error).__name__}: {error}")
         self.failures.append(message)
-        _report(message)
-
-
-@rank_zero_only
-def _report(message: str) -> None:
-    log.error(message)
+        log.error(message, exc_info=error)
 
 
 def check_picture(name: str, picture: Any) -> None:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -110,10 +109,7 @@ def broadcast_module_(module: nn.Module, source: int = 0) -> None:
     The probes' identical updates already give identical heads; this removes the last bits of difference
     non-deterministic kernels (e.g. CUDA's bilinear upsampling backward) could leave.
     """
-    if not distributed.is_distributed():
-        return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=source)
+    distributed.broadcast_([tensor.data for tensor in [*module.parameters(), *module.buffers()]], source)
 
 
 @contextlib.contextmanager

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
+
+from ssl_modules import distributed
+from ssl_modules.optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
 
 from .data import check_probe_datasets, prepare_probe_data, resolve_probe_data
 from .embedding import require_embed, trainable_context
@@ -17,6 +21,9 @@ from .embedding import require_embed, trainable_context
 __all__ = ["Probe"]
 
 log = logging.getLogger("callbacks.probes")
+
+# Probe values are equal on every process and logged without sync_dist on purpose (``Probe.log_value``).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('probe/", category=PossibleUserWarning)
 
 
 class Probe(Callback):
@@ -33,9 +40,12 @@ class Probe(Callback):
 
     Failures: the probe's data is checked when ``fit`` or ``validate`` starts (layout, one sample read, mask
     sizes), so a broken data set stops the run before the first training step. An exception while the probe
-    runs later never stops training: it is reported once (an error log with the probe and the exception),
-    the probe disables itself and the message is appended to ``failures`` (the CLI lists them at the end
-    and exits non-zero, after the checkpoint and the export are written).
+    runs later never stops training: under DDP the processes agree on it (a failure on any rank, an OOM on
+    one GPU say, is seen by all, and none is left waiting in a collective of the probe), it is reported once
+    (naming the rank and the exception), the probe disables itself on every process and the message is
+    appended to ``failures`` (the CLI lists them at the end and exits 1, after the checkpoint and the export
+    are written). The probe runs on the global random generators without changing them, so training draws
+    the same numbers with or without it; after a signal or ``max_time`` stop it does not evaluate.
 
     Results: ``last_metrics`` (metric -> value of the last evaluation) and ``last_floors`` (metric -> its
     trivial floor: chance top-1, all-background mIoU, ...).
@@ -123,24 +133,35 @@ class Probe(Callback):
         return bool(self.failures)
 
     def guarded(self, what: str, function: Callable[[], Any]) -> Any:
-        """``function()``; an exception disables the probe, is reported once and recorded in ``failures``."""
+        """``function()`` as an optional part: on the global RNGs without changing them, and with a failure
+        on any process agreed by all (``ssl_modules.optional_parts``): every process then disables the probe
+        together, the failure is reported once (naming the rank and the exception) and kept in ``failures``."""
         if self.disabled:
             return None
         try:
-            return function()
-        except Exception as error:  # noqa: BLE001  (an optional part never stops training)
-            message = f"{type(self).__name__}[{self.name}] failed during {what}: {type(error).__name__}: {error}"
+            with isolated_rng(), agreed_failure(f"{type(self).__name__}[{self.name}]"):
+                return function()
+        except PartFailedError as failure:
+            where = "; ".join(f"on rank {rank}: {error}" for rank, error in sorted(failure.failures.items()))
+            message = f"{type(self).__name__}[{self.name}] failed during {what} {where}"
             self.failures.append(message)
-            self._report(message)
+            self._report(message, failure)
             return None
 
-    @rank_zero_only
-    def _report(self, message: str) -> None:
-        log.error("%s (the probe is disabled; training continues)", message)
+    def _report(self, message: str, failure: PartFailedError) -> None:
+        """Rank 0 says what failed where; a failing process also logs its own traceback."""
+        rank = distributed.rank()
+        if rank in failure.failures and failure.__cause__ is not None:
+            log.error("rank %d: %s", rank, message, exc_info=failure.__cause__)
+        elif rank == 0:
+            log.error("%s (the probe is disabled on every process; training continues)", message)
 
     # ------------------------------------------------------------------------------------- when
     def is_due(self, trainer: pl.Trainer) -> bool:
-        """Whether the epoch that just ended is one to evaluate after."""
+        """Whether the epoch that just ended is one to evaluate after (never after a signal or ``max_time``
+        stop: the grace period before the job is killed is for the stop checkpoint)."""
+        if stopped_early(trainer):
+            return False
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             return True
@@ -148,7 +169,8 @@ class Probe(Callback):
 
     @staticmethod
     def is_last_epoch(trainer: pl.Trainer) -> bool:
-        """Whether training stops after the epoch that just ended (max_epochs, max_steps or a stop request)."""
+        """Whether training stops after the epoch that just ended (max_epochs, max_steps or a stop request such
+        as ``EarlyStopping``'s)."""
         max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
         if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
             return True
@@ -188,8 +210,9 @@ class Probe(Callback):
                   on_step: bool = False) -> None:
         """Log a value that is already equal on every process.
 
-        Epoch values are synced with ``max``, which keeps them bit-exact (and answers Lightning's advice to sync
-        epoch metrics); step values are logged as they are.
+        Never with ``sync_dist``: an epoch value synced by Lightning is reduced wherever it is first read,
+        and the progress bar reads it on rank 0 only, which would put that collective out of order with the
+        other processes' (the run would hang at the epoch end). The value is equal everywhere already.
         """
-        pl_module.log(self.metric_name(metric), value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
+        pl_module.log(self.metric_name(metric), value, on_step=on_step, on_epoch=not on_step, sync_dist=False,
                       reduce_fx="max")

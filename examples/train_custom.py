@@ -28,7 +28,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from callbacks import KNNProbe, OnlineLinearProbe  # noqa: E402
+from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VOCSegmentationProbe  # noqa: E402
 from datamodules import MultiCropViews, SceneConfig, SyntheticScenesDataModule  # noqa: E402
 from ssl_modules import VICRegL  # noqa: E402
 
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     probes = [  # every_n_epochs=0: evaluated once, after the last epoch
         OnlineLinearProbe(train_on="batches", lr=0.05, every_n_epochs=0, num_workers=args.num_workers),
         KNNProbe(k=10, train_fraction=1.0, every_n_epochs=0, batch_size=64, num_workers=args.num_workers),
+        VOCSegmentationProbe(every_n_epochs=0, steps=50, max_train_images=256, num_workers=args.num_workers),
+        DenseRetrievalProbe(every_n_epochs=0, max_train_images=256, num_workers=args.num_workers),
     ]
     trainer = pl.Trainer(
         strategy="ddp" if args.devices > 1 else "auto", devices=args.devices, accelerator=args.accelerator,
         max_steps=args.max_steps, precision=args.precision, callbacks=list(probes),  # the Trainer extends the list
-        default_root_dir=args.output, log_every_n_steps=1, limit_val_batches=0,
-        enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=args.output, log_every_n_steps=1, limit_val_batches=0, enable_model_summary=False,
     )
     trainer.fit(model, datamodule=data)
 

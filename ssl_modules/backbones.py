@@ -143,6 +143,8 @@ class Backbone(nn.Module):
         weights: a file of weights to start from: an official backbone file or full official checkpoint
             (CrIBo, BAM, VICRegL layouts; the teacher's backbone where there is one), a state dict in timm's
             names (``export``'s ``backbone.pt``), loaded strictly (see :meth:`load_weights_file`).
+        trust_checkpoint: read ``weights`` with full unpickling, for a file that holds types a weights-only
+            read refuses (the trust rule of ``ssl_modules.checkpoint_io``; it can run code from the file).
         **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``,
             ``drop_path_rate``, ...). ViTs get ``dynamic_img_size=True`` unless told otherwise, so that one
             model takes crops of several sizes.
@@ -157,6 +159,7 @@ class Backbone(nn.Module):
         mocov3_vit: bool = False,
         cls_token_init: Literal["timm", "trunc_normal"] = "timm",
         weights: str | Path | None = None,
+        trust_checkpoint: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -192,7 +195,7 @@ class Backbone(nn.Module):
         self.num_features: int = self.model.num_features
         self.stride: int = self._stride()
         if weights is not None:
-            self.load_weights_file(weights)
+            self.load_weights_file(weights, trust_checkpoint=trust_checkpoint)
 
     def _init_cls_token(self, how: str) -> None:
         if how == "timm":
@@ -282,12 +285,15 @@ class Backbone(nn.Module):
         if missing or unexpected:
             raise ValueError(f"official weights do not fit {self.name}: missing {missing}, unexpected {unexpected}")
 
-    def load_weights_file(self, path: str | Path) -> None:
+    def load_weights_file(self, path: str | Path, trust_checkpoint: bool = False) -> None:
         """Load a file of backbone weights: an official release (CrIBo, BAM and VICRegL backbone files),
         a full official training checkpoint (the teacher's backbone where there is one), a Lightning
         checkpoint of this library, or ``export``'s ``backbone.pt``. The load is strict (see
-        :meth:`load_official_weights`); an error names the file."""
-        state = read_checkpoint(path)
+        :meth:`load_official_weights`); an error names the file. The file is read under the trust rule
+        (``ssl_modules.checkpoint_io``): ``trust_checkpoint=True`` only for a file from a source you trust."""
+        from .checkpoint_io import read_checkpoint  # the one reader (it imports nothing of the methods)
+
+        state = read_checkpoint(path, trust_checkpoint=trust_checkpoint, lightning=False)
         try:
             self.load_official_weights(backbone_state_dict(state))
         except ValueError as error:
@@ -305,27 +311,6 @@ class Backbone(nn.Module):
             state[key] = torch.ones(channels, dtype=reference.dtype if reference is not None else None,
                                     device=reference.device if reference is not None else None)
         return state
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a checkpoint on the CPU, with an error that names the file when it is not one.
-
-    Tensors-only files load with ``weights_only=True``; official training checkpoints hold an
-    ``argparse.Namespace`` (``args``) and need full unpickling, so load only files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # an official checkpoint with pickled arguments
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
-    return checkpoint
 
 
 # Where the backbone sits in each layout, most specific first: the teacher wherever there is one.

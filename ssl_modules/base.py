@@ -128,11 +128,13 @@ class SSLModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """``ExactResume`` (RNG states per rank in checkpoints, mid-epoch checkpoints on graceful stops,
-        ``docs/resume.md``) and the non-finite guard (unless ``nonfinite_guard=False``, ``docs/failures.md``);
+        ``docs/resume.md``), ``EpochEndReductions`` (epoch values reduced in the same order on every process,
+        ``docs/failures.md``) and the non-finite guard (unless ``nonfinite_guard=False``, ``docs/failures.md``);
         subclasses extend ``super()``'s list."""
+        from .collective_order import EpochEndReductions
         from .resume import ExactResume
 
-        callbacks = [*(super().configure_callbacks() or []), ExactResume()]
+        callbacks = [*(super().configure_callbacks() or []), ExactResume(), EpochEndReductions()]
         if self.hparams.get("nonfinite_guard", True):
             from .guard import NonFiniteGuard
 
@@ -288,6 +290,13 @@ class SSLModule(pl.LightningModule):
         if name not in schedules:
             raise KeyError(f"{type(self).__name__} declares no schedule {name!r}; it has {sorted(schedules)}")
         return schedules[name](self.trainer.global_step if self._trainer is not None else 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the declared schedules (closures over the run plan, declared again at the next
+        training batch), so that a trained module pickles (``torch.save(module)``, ``ddp_spawn``)."""
+        state = super().__getstate__()
+        state["_schedules"] = None
+        return state
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -28,9 +30,10 @@ if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["SSLCLI", "main", "export_checkpoint", "export_from_checkpoint", "probe_report", "did_you_mean", "run_cli",
-           "CommandLineError"]
+           "CommandLineError", "RunError", "did_you_mean_class", "resume_command", "failure_message"]
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # and 128 + N: stopped by signal N (docs/failures.md)
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 HELP = """\
@@ -119,9 +122,46 @@ def _cli_class() -> type[LightningCLI]:
 
         failures: list[str]
         exported: Path | None = None
+        progress: Any = None  # RunProgress during fit
+        _failed_run_folder: FailedRunFolder | None = None
 
         def before_fit(self) -> None:
             self._fit_started = time.perf_counter()
+
+        def instantiate_classes(self) -> None:
+            """Lightning's, with a constructor's refusal of its arguments (``ValueError``, Lightning's
+            ``MisconfigurationException``) turned into a :class:`CommandLineError` naming the class and the
+            arguments given for it."""
+            try:
+                super().instantiate_classes()
+            except Exception as error:
+                refused = refused_arguments(error, sys.argv[1:], self.config.get("subcommand") or "fit")
+                if refused is None:
+                    raise
+                raise CommandLineError(refused) from None
+
+        def after_instantiate_classes(self) -> None:
+            """Before anything runs: the run folders must be writable, more processes than cores get a warning,
+            and ``fit`` records what it does (``RunProgress``) and where a failed run may leave an empty folder."""
+            subcommand = self.config.get("subcommand")
+            if subcommand not in ("fit", "validate"):
+                return
+            check_run_folders_writable(self.trainer)
+            warn_more_processes_than_cores(self.trainer)
+            if subcommand == "fit" and trains_in_this_process(self.trainer):
+                self.progress = _progress_class()()
+                self.trainer.callbacks.append(self.progress)
+                if self.trainer.is_global_zero and _is_rank_zero():
+                    self._failed_run_folder = FailedRunFolder.plan(self.trainer)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            """Lightning's; a ``fit`` that fails before its first step leaves no empty run folder behind."""
+            try:
+                super()._run_subcommand(subcommand)
+            except Exception:
+                if self._failed_run_folder is not None and self.progress is not None and not self.progress.batches:
+                    self._failed_run_folder.remove()
+                raise
 
         def _parse_ckpt_path(self) -> None:
             """Lightning >= 2.5.5 calls this right after parsing, to apply a checkpoint's hyper-parameters over the
@@ -141,6 +181,8 @@ def _cli_class() -> type[LightningCLI]:
             from ssl_modules.resume import prepare_resume
 
             self._check_ckpt_path()
+            if self.config.get("subcommand") == "fit":
+                check_trains_something(self._subcommand_section())
             if self._config_names_model():
                 for line in prepare_resume(self._subcommand_section()):
                     rank_zero_only(print)(line)
@@ -183,7 +225,7 @@ def _cli_class() -> type[LightningCLI]:
             started = getattr(self, "_fit_started", None)
             seconds = time.perf_counter() - started if started is not None else None
             print("\n".join(fit_summary(self.trainer, self.model, self.datamodule, run_dir, self.exported,
-                                        seconds, self.failures, self.config)))
+                                        seconds, self.failures, self.config, self.progress, sys.argv[1:])))
 
         def _report_validate(self) -> None:
             if not self.trainer.is_global_zero:
@@ -203,11 +245,248 @@ def _cli_class() -> type[LightningCLI]:
     return SSLCLI
 
 
+def _progress_class() -> type:
+    """``RunProgress``, a Lightning callback defined on first use (``--help`` imports no Lightning) under its
+    module-level name, so that it pickles (``ddp_spawn``)."""
+    built = globals().get("RunProgress")
+    if isinstance(built, type):
+        return built
+    from lightning.pytorch import Callback
+
+    class _RunProgress(Callback):
+        """What this ``fit`` trained: the step it started at (after a resume), the batches it trained and the
+        training loop's wall time. It holds no state of the run (nothing in checkpoints, no randomness)."""
+
+        def __init__(self) -> None:
+            self.start_step: int | None = None
+            self.batches = 0
+            self.loop_seconds: float | None = None
+            self._loop_started: float | None = None
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.start_step = trainer.global_step
+            self._loop_started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            self.batches += 1
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._loop_started is not None:
+                self.loop_seconds = time.perf_counter() - self._loop_started
+
+        def trained_steps(self, trainer: Any) -> int:
+            """Optimizer steps taken by this run (0 when it resumed a run already at its end)."""
+            return trainer.global_step - self.start_step if self.start_step is not None else 0
+
+    _RunProgress.__name__ = _RunProgress.__qualname__ = "RunProgress"
+    globals()["RunProgress"] = _RunProgress
+    return _RunProgress
+
+
 def __getattr__(name: str) -> Any:
     if name == "SSLCLI":
         return _cli_class()
+    if name == "RunProgress":
+        return _progress_class()
     raise AttributeError(f"module 'ssl_modules.cli' has no attribute {name!r}")
 
+
+
+# ---------------------------------------------------------------------------------- before the run
+class RunError(RuntimeError):
+    """A run that cannot go on (exit code 1), already worded for the user: what is wrong and how to fix it."""
+
+
+def check_trains_something(section: Any) -> None:
+    """A :class:`CommandLineError` for ``fit`` with ``max_epochs 0`` or ``max_steps 0``: such a run trains
+    nothing and would export the random initial backbone as if it were trained."""
+    trainer = (section.get("trainer") if section is not None else None) or {}
+    for name in ("max_epochs", "max_steps"):
+        if trainer.get(name) == 0:
+            raise CommandLineError(
+                f"error: --trainer.{name} 0 trains nothing: fit would export the random initial backbone as if it "
+                f"were trained. Give {name} >= 1 (or -1 with the other limit set); to write a checkpoint's "
+                "backbone use: python -m ssl_modules export <ckpt> <out.pt>")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """A :class:`RunError` unless ``folder`` can be created (if needed) and written by this process."""
+    folder = Path(folder)
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise RunError(f"{what} {folder} cannot be created: {existing} is a file, not a folder. Choose another "
+                       f"folder for {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        relation = "is" if existing == folder.absolute() else f"would be created in {existing}, which is"
+        raise RunError(f"{what} {folder} {relation} not writable by this user (permission denied). Choose a folder "
+                       f"you can write to (e.g. {what} runs/<name>), or change its permissions")
+
+
+def check_run_folders_writable(trainer: Any) -> None:
+    """The folders the run will write (``default_root_dir``, the loggers', each ``ModelCheckpoint`` dirpath)
+    are writable, checked before anything is built or trained (on every process: each writes its own files)."""
+    folders = {str(trainer.default_root_dir): "--trainer.default_root_dir"}
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir:
+            folders.setdefault(str(save_dir), f"the save_dir of {type(logger).__name__}")
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            folders.setdefault(str(dirpath), f"the dirpath of {type(callback).__name__}")
+    for folder, what in folders.items():
+        if "://" not in folder:  # remote file systems (s3://, gs://) are the user's to check
+            check_writable_folder(folder, what)
+
+
+def warn_more_processes_than_cores(trainer: Any) -> None:
+    """A warning (stderr, rank zero) when a CPU run starts more processes than this process has cores."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from .evaluation.cli import usable_cpus
+
+    processes, cores = trainer.num_devices, usable_cpus()
+    if isinstance(trainer.accelerator, CPUAccelerator) and processes > cores and _is_rank_zero():
+        print(f"warning: --trainer.devices {processes} starts {processes} training processes on the CPU, but this "
+              f"process may use {cores} core{'s' if cores > 1 else ''}: they share the cores and the run is slower "
+              f"than with --trainer.devices {cores}. Several CPU processes are for trying DDP code; train on "
+              "GPUs (--trainer.accelerator gpu)", file=sys.stderr)
+
+
+def _constructed_class(error: BaseException) -> type | None:
+    """The class whose ``__init__`` raised ``error`` (the outermost constructor in its traceback), or None."""
+    frame_tb = error.__traceback__
+    while frame_tb is not None:
+        frame = frame_tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return type(frame.f_locals["self"])
+        frame_tb = frame_tb.tb_next
+    return None
+
+
+def _refused(error: BaseException) -> tuple[type, BaseException] | None:
+    """The constructor that refused its arguments behind ``error`` (following the chain of causes, as
+    jsonargparse wraps a constructor's error in its union error), and its own exception."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        owner = _constructed_class(current)
+        if owner is not None and isinstance(current, (ValueError, MisconfigurationException)):
+            return owner, current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _section_of(owner: type) -> str | None:
+    """The option of the command line that configures instances of ``owner``."""
+    from lightning.pytorch import Callback, LightningDataModule, Trainer
+
+    from .base import SSLModule
+
+    for base, option in ((SSLModule, "--model"), (LightningDataModule, "--data"), (Callback, "--trainer.callbacks"),
+                         (Trainer, "--trainer")):
+        if issubclass(owner, base):
+            return option
+    return None
+
+
+def _given_arguments(argv: list[str], option: str) -> list[str]:
+    """The arguments of ``argv`` under ``option`` (``--model`` -> ``--model.init_args.lr 0.1``), with values."""
+    given: list[str] = []
+    for position, token in enumerate(argv):
+        name = token.split("=", 1)[0].rstrip("+")
+        if name != option and not name.startswith(option + "."):
+            continue
+        if option == "--trainer" and name.startswith("--trainer.callbacks"):
+            continue
+        given.append(token)
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if "=" not in token and following is not None and not following.startswith("--"):
+            given.append(following)
+    return given
+
+
+def refused_arguments(error: BaseException, argv: list[str], subcommand: str) -> str | None:
+    """A short message when ``error`` is a constructor refusing the arguments the config and command line gave
+    it (the class, its own message, the arguments given for it), or None for any other error."""
+    import shlex
+
+    refused = _refused(error)
+    if refused is None:
+        return None
+    owner, cause = refused
+    option = _section_of(owner)
+    label = f"{owner.__qualname__} ({option})" if option else owner.__qualname__
+    given = _given_arguments(argv, option) if option else []
+    configs = [argv[i + 1] for i, token in enumerate(argv[:-1]) if token == "--config"]
+    source = f"given: {shlex.join(given)}" if given else f"from the config {' '.join(configs)}" if configs else ""
+    lines = [f"error: {label} refused its arguments: {cause}"]
+    if source:
+        lines.append(f"  {source}")
+    lines.append(f"(python -m ssl_modules {subcommand} --help lists the options)")
+    return "\n".join(lines)
+
+
+class FailedRunFolder:
+    """The folder a ``fit`` writes its logs to, remembered before the run so that a run failing before its first
+    step removes it again: only when the run created it and nothing in it is a checkpoint."""
+
+    def __init__(self, folder: Path, existed: bool, anchor: Path) -> None:
+        self.folder, self.existed, self.anchor = folder, existed, anchor
+
+    @classmethod
+    def plan(cls, trainer: Any) -> FailedRunFolder | None:
+        """The run folder of ``trainer`` (no collective call), or None for a logger whose folder is shared."""
+        folder = _planned_run_folder(trainer)
+        if folder is None:
+            return None
+        folder = folder.absolute()
+        return cls(folder, folder.exists(), _nearest_existing(folder))
+
+    def remove(self) -> bool:
+        """Remove the folder (and the empty parents the run created) if the run created it and it holds no
+        checkpoint; returns whether it did."""
+        import shutil
+
+        if self.existed or not self.folder.is_dir() or any(self.folder.rglob("*.ckpt")):
+            return False
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for parent in self.folder.parents:
+            if parent == self.anchor or self.anchor not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
+        return not self.folder.exists()
+
+
+def trains_in_this_process(trainer: Any) -> bool:
+    """Whether ``fit`` trains in this process (rank 0 of ``ddp`` does), not in processes it spawns
+    (``ddp_spawn``, ``ddp_fork``), whose progress this process never sees."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def _planned_run_folder(trainer: Any) -> Path | None:
+    """Where ``trainer.log_dir`` will be, computed without its broadcast (the processes are not started yet)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)) and "://" not in str(logger.log_dir):
+        return Path(logger.log_dir)
+    return None
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -267,23 +546,20 @@ def _final_losses(trainer: Any) -> list[str]:
 
 
 def fit_summary(trainer: Any, model: Any, datamodule: Any, run_dir: Path, backbone: Path,
-                seconds: float | None, failures: list[str], config: Any = None) -> list[str]:
-    """The end-of-fit summary lines (printed on rank zero)."""
-    checkpoints = trainer.checkpoint_callback
-    ckpt = (getattr(_exact_resume(trainer), "stop_path", None) or getattr(checkpoints, "last_model_path", "")
-            or getattr(checkpoints, "best_model_path", ""))
-    steps = trainer.global_step
+                seconds: float | None, failures: list[str], config: Any = None, progress: Any = None,
+                argv: list[str] | None = None) -> list[str]:
+    """The end-of-fit summary lines (printed on rank zero). ``progress`` (a ``RunProgress``) says what this run
+    trained, so that a resumed run reports its own steps; ``argv`` is the command line, for the resume command
+    when the run saved no ``config.yaml``."""
+    resumed_from = _resumed_from(config)
+    trained = progress.trained_steps(trainer) if progress is not None else None
+    ckpt = run_checkpoint(trainer, resumed_from if not trained else None)
     status = _stop_line(trainer)
     lines = ["", status if not failures else f"{status[:-1]}, and optional parts FAILED (see below).",
              f"  logs:        {run_dir}  (tensorboard --logdir {run_dir.parent})",
              f"  checkpoint:  {ckpt or 'none (checkpointing is off)'}",
-             f"  backbone:    {backbone}  (timm weights; name and kwargs in {backbone.with_suffix('.json').name})"]
-    timing = f"  steps:       {steps} in {seconds:.1f} s" if seconds else f"  steps:       {steps}"
-    batch = getattr(datamodule, "batch_size", None)
-    if seconds and batch and steps:
-        images = steps * batch * trainer.world_size * max(trainer.accumulate_grad_batches, 1)
-        timing += f", {images / seconds:.1f} images/s"
-    lines.append(timing)
+             f"  backbone:    {backbone}  (timm weights; name and kwargs in {backbone.with_suffix('.json').name})",
+             steps_line(trainer, datamodule, progress, seconds, finished=status == "Run finished.")]
     losses = _final_losses(trainer)
     if losses:
         lines.append("  final:       " + ", ".join(losses))
@@ -291,32 +567,100 @@ def fit_summary(trainer: Any, model: Any, datamodule: Any, run_dir: Path, backbo
     if probes:
         lines += ["  probes (last evaluation):", *probes]
     lines += [f"  FAILED: {failure}" for failure in failures]
-    config_file = _config_file(config)
-    again = f"--config {config_file} " if config_file else ""
-    lines += [f"  resume:      python -m ssl_modules fit {again}--ckpt_path last",
+    lines += [f"  resume:      {resume_command(run_dir, ckpt, argv if argv is not None else sys.argv[1:])}",
               f"  evaluate:    python -m ssl_modules evaluate --help  (checkpoint {ckpt or backbone})"]
+    if status == "Run finished." and ckpt:
+        lines[-2] += "  (trains on only with a larger --trainer.max_epochs or max_steps)"
     return lines
 
 
-def _config_file(config: Any) -> str | None:
+def steps_line(trainer: Any, datamodule: Any, progress: Any, seconds: float | None, finished: bool) -> str:
+    """``steps: N in T s, R images/s`` for the steps this run trained, never the checkpoint's (a resumed run
+    says where it started; one that trained nothing says so)."""
+    total = trainer.global_step
+    if progress is None:  # ddp_spawn: the steps were counted in the spawned processes
+        return "  steps:       trained in spawned processes (ddp_spawn): their steps and speed are in the logs"
+    trained = progress.trained_steps(trainer)
+    start = total - trained
+    if not trained:
+        where = f": it resumed at step {start}" if start else ""
+        end = " (the end of its schedule)" if finished and start else ""
+        return f"  steps:       none trained in this run{where}{end}"
+    line = f"  steps:       {trained} in {seconds:.1f} s" if seconds else f"  steps:       {trained}"
+    if start:
+        line += f" (resumed at step {start}, now at step {total})"
+    batch = getattr(datamodule, "batch_size", None)
+    loop = progress.loop_seconds or seconds
+    if loop and batch:
+        images = trained * batch * trainer.world_size * max(trainer.accumulate_grad_batches, 1)
+        line += f", {images / loop:.1f} images/s"
+    return line
+
+
+def run_checkpoint(trainer: Any, resumed_from: str | None = None) -> str | None:
+    """The newest checkpoint of this run: its stop checkpoint or the newest file its checkpoint callbacks wrote
+    (or restored from the run it resumes); else ``resumed_from`` when given (a resumed run that trained
+    nothing is still at that checkpoint); else None."""
+    candidates = [getattr(_exact_resume(trainer), "stop_path", None)]
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        candidates += [getattr(callback, name, None)
+                       for name in ("_last_checkpoint_saved", "last_model_path", "best_model_path")]
+    files = [Path(c) for c in candidates if c and Path(c).is_file()]
+    if files:
+        return str(max(files, key=lambda path: path.stat().st_mtime_ns))
+    return resumed_from if resumed_from and Path(resumed_from).is_file() else None
+
+
+def resume_command(run_dir: Path, checkpoint: str | None, argv: list[str]) -> str:
+    """The command that resumes this run and no other: ``fit --config <run>/config.yaml`` (Lightning saves
+    every override of the run in it) or, without it, the run's own command line, with ``--ckpt_path`` the
+    run's newest checkpoint."""
+    import shlex
+
+    if checkpoint is None:
+        return ("not possible: this run saved no checkpoint (turn checkpointing on: trainer.enable_checkpointing "
+                "true, or a ModelCheckpoint callback)")
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        arguments = ["--config", str(saved)]
+    else:
+        arguments = _without_ckpt_path(argv[1:] if argv and argv[0] == "fit" else argv)
+    return "python -m ssl_modules fit " + shlex.join([*arguments, "--ckpt_path", str(checkpoint)])
+
+
+def _without_ckpt_path(arguments: list[str]) -> list[str]:
+    """``arguments`` without ``--ckpt_path X`` / ``--ckpt_path=X``."""
+    kept: list[str] = []
+    skip = False
+    for token in arguments:
+        if skip:
+            skip = False
+        elif token == "--ckpt_path":
+            skip = True
+        elif not token.startswith("--ckpt_path="):
+            kept.append(token)
+    return kept
+
+
+def _resumed_from(config: Any) -> str | None:
+    """The checkpoint ``fit`` resumed from (``last`` already resolved), or None."""
     try:
-        paths = config[config["subcommand"]]["config"]
-        return str(paths[0]) if paths else None
-    except (KeyError, TypeError, IndexError):
+        path = config[config["subcommand"]]["ckpt_path"]
+    except (KeyError, TypeError):
         return None
+    return str(path) if path and str(path) not in _CKPT_KEYWORDS else None
 
 
 # ------------------------------------------------------------------------------------------- export
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoint: bool = False) -> Path:
     """Load a Lightning checkpoint of any ``SSLModule`` and write its backbone for timm.
 
     When the module's class cannot be imported (a user's subclass in a script), the backbone is taken from
     what the checkpoint records (``export_from_checkpoint``).
     """
-    from .base import SSLModule
-    from .checkpoint_io import read_checkpoint
+    from .checkpoint_io import load_module, read_checkpoint
 
-    data = read_checkpoint(checkpoint)
+    data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)  # the trust rule: docs/resume.md
     class_path = data.get("ssl_module_class", "")
     module_name, _, class_name = class_path.rpartition(".")
     try:
@@ -324,7 +668,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     except (ImportError, AttributeError, ValueError):
         if "ssl_module_backbone" in data:
             return export_from_checkpoint(data, output)
-    return SSLModule.load_any(checkpoint).export_backbone(output)
+    return load_module(checkpoint, trust_checkpoint=trust_checkpoint).export_backbone(output)
 
 
 def export_from_checkpoint(checkpoint: dict[str, Any], output: str | Path) -> Path:
@@ -350,9 +694,40 @@ def export_from_checkpoint(checkpoint: dict[str, Any], output: str | Path) -> Pa
     return output
 
 
+def _command_line_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """An ``argparse`` parser whose errors are one line and exit code 2 (``CommandLineParser``)."""
+    from .evaluation.cli import CommandLineParser
+
+    return CommandLineParser(**kwargs)
+
+
+def parse_export_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | None:
+    """``export``'s arguments, None after ``--help``; a :class:`CommandLineError` for a bad command line,
+    an output that is a folder included (checked before the checkpoint is read)."""
+    from .evaluation.cli import UsageError
+
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        raise CommandLineError(f"error: {error}") from None
+    except SystemExit as stop:
+        if stop.code:
+            raise
+        return None
+    check_export_output(args.output)
+    return args
+
+
+def check_export_output(output: str) -> None:
+    """A :class:`CommandLineError` when ``output`` names a folder: export writes one file (and its .json)."""
+    if Path(output).is_dir() or output.endswith(("/", os.sep)):
+        raise CommandLineError(f"error: the output {output} is a folder: export writes one file (the state dict) and "
+                               f"a .json beside it. Name the file, e.g. {Path(output) / 'backbone.pt'}")
+
+
 def _export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_modules export",
-                                     description="Write the (teacher) backbone of a checkpoint as timm weights.")
+    parser = _command_line_parser(prog="python -m ssl_modules export",
+                                  description="Write the (teacher) backbone of a checkpoint as timm weights.")
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of an SSLModule, or an official one "
                         "with --official")
     parser.add_argument("output", help="where to write the state dict (.pt); a .json with the timm name goes beside it")
@@ -363,15 +738,19 @@ def _export_main(argv: list[str]) -> int:
                         "shapes and args do not tell it")
     parser.add_argument("--backbone-kwargs", default=None, type=json.loads,
                         help='with --official: timm.create_model keyword arguments as JSON, e.g. \'{"depth": 2}\'')
-    args = parser.parse_args(argv)
+    parser.add_argument("--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling "
+                        "even if it holds types a weights-only read refuses (runs code from the file; docs/resume.md)")
+    args = parse_export_arguments(parser, argv)
+    if args is None:  # --help
+        return EXIT_OK
     if args.official is not None:
         from .official import export_official
 
         method = None if args.official == "auto" else args.official
         given = {k: v for k, v in (("backbone", args.backbone), ("backbone_kwargs", args.backbone_kwargs)) if v}
-        path = export_official(args.checkpoint, args.output, method, **given)
+        path = export_official(args.checkpoint, args.output, method, trust_checkpoint=args.trust_checkpoint, **given)
     else:
-        path = export_checkpoint(args.checkpoint, args.output)
+        path = export_checkpoint(args.checkpoint, args.output, args.trust_checkpoint)
     print(f"backbone written to {path} (timm name and kwargs in {path.with_suffix('.json')})")
     return 0
 
@@ -384,7 +763,12 @@ def _evaluate_main(argv: list[str]) -> int:
             print("error: evaluate needs ssl_modules.evaluation, which this installation lacks", file=sys.stderr)
             return 1
         raise
-    return int(evaluation.main(argv) or 0)
+    try:
+        return int(evaluation.main(argv) or 0)
+    except SystemExit as stop:  # --help
+        if stop.code:
+            raise
+        return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------- bad arguments
@@ -432,9 +816,73 @@ def _resolve_class(class_path: str) -> type:
     raise LookupError(class_path)
 
 
+_UNKNOWN_CLASS = (r"Expected a dot import path string: (\S+)", r"Expected a path but (\S+) either not accessible",
+                  r"Problem with given class_path '([^']+)':\s*(?:module '[^']*' has no attribute|No module named)",
+                  r"module '[\w.]+' has no attribute '(\w+)'")  # the wordings of jsonargparse 4.27 to 4.53
+
+
+def did_you_mean_class(message: str) -> str | None:
+    """A short message for a class path that names no class in a jsonargparse error (``--model VicRegL``,
+    ``--trainer.callbacks+=KnnProbe``), with the closest class names the option accepts."""
+    given = next((m.group(1) for pattern in _UNKNOWN_CLASS if (m := re.search(pattern, message))), None)
+    if given is None:
+        return None
+    key = re.search(r'Parser key "([^"]+)"', message)
+    where = f" for --{key.group(1)}" if key else ""
+    classes = _accepted_classes(message)
+    close = _closest_names(given.rpartition(".")[2], [cls.__name__ for cls in classes])
+    if close:
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?"
+    else:
+        ours = sorted(cls.__name__ for cls in classes if cls.__module__.partition(".")[0] in _PACKAGES)
+        hint = (f"the library's are {', '.join(ours)}; " if ours else "") + \
+            "a class of your own needs its import path, e.g. my_package.MyClass, importable from the current folder"
+    return f"no class {given!r}{where}: {hint}"
+
+
+_PACKAGES = ("ssl_modules", "datamodules", "callbacks")
+
+
+def _closest_names(wanted: str, names: list[str]) -> list[str]:
+    """The names closest to ``wanted``, ignoring case: the one that differs only in case, else up to three
+    about as close as the closest."""
+    by_lower = {name.lower(): name for name in names}
+    if wanted.lower() in by_lower:
+        return [by_lower[wanted.lower()]]
+    scored = sorted(((difflib.SequenceMatcher(None, wanted.lower(), lower).ratio(), name)
+                     for lower, name in by_lower.items()), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    return [name for ratio, name in scored[:3] if ratio >= max(0.6, best - 0.05)]
+
+
+def _accepted_classes(message: str) -> list[type]:
+    """The public classes a jsonargparse union error says the option accepts (``Subtypes: [...]``): every
+    imported subclass of each (LightningCLI resolves them by their short name), the bases themselves excluded."""
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    if not subtypes:
+        return []
+    found: list[type] = []
+    for dotted in dict.fromkeys(re.findall(r"([A-Za-z_][\w.]*\.[A-Z]\w*)", subtypes.group(1))):
+        with contextlib.suppress(Exception):
+            base = _resolve_class(dotted)
+            found += [cls for cls in _subclasses(base)[1:] if not cls.__name__.startswith("_") and cls not in found]
+    return found
+
+
+def _subclasses(base: type) -> list[type]:
+    """``base`` and every subclass of it imported so far."""
+    found, queue = [], [base]
+    while queue:
+        cls = queue.pop(0)
+        if cls not in found:
+            found.append(cls)
+            queue.extend(cls.__subclasses__())
+    return found
+
+
 def _short_argument_error(error: Exception, subcommand: str) -> str:
     message = str(error)
-    hint = did_you_mean(message)
+    hint = did_you_mean(message) or did_you_mean_class(message)
     tail = f"(python -m ssl_modules {subcommand} --help lists the options)"
     if hint:
         return f"error: {hint} {tail}"
@@ -481,39 +929,75 @@ def _is_rank_zero() -> bool:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of ``python -m ssl_modules`` and the ``ssl-modules`` script; returns the exit code."""
-    from .checkpoint_io import CheckpointFileError
-
+    """Entry point of ``python -m ssl_modules`` and the ``ssl-modules`` script; returns the exit code: 0 success,
+    1 a failed run (bad data, checkpoint or file, non-finite loss, failed optional part), 2 a bad command line,
+    128 + N stopped by signal N (``docs/failures.md``). Every error the user can fix is one short message."""
     argv = sys.argv[1:] if args is None else list(args)
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
-        return 0 if argv else 2
+        return EXIT_OK if argv else EXIT_USAGE
     try:
-        if argv[0] == "export":
-            return _export_main(argv[1:])
-        if argv[0] == "evaluate":
-            return _evaluate_main(argv[1:])
-        if argv[0] not in _LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
-            close = difflib.get_close_matches(argv[0], [*_LIGHTNING_SUBCOMMANDS, "export", "evaluate"], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            print(f"error: unknown command {argv[0]!r}{hint}\n\n{HELP}", file=sys.stderr)
-            return 2
-        cli = run_cli(argv)
+        return _run_command(argv)
     except CommandLineError as error:
         print(error, file=sys.stderr)
-        return 2
-    except CheckpointFileError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     except Exception as error:
-        from .guard import NonFiniteLossError
+        message = failure_message(error)
+        if message is None:
+            raise
+        if message:
+            print(message, file=sys.stderr)
+        return EXIT_FAILED
 
-        if isinstance(error, NonFiniteLossError):
-            if _is_rank_zero():  # every process stops together; one message
-                print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+
+def _run_command(argv: list[str]) -> int:
+    """Run the command ``argv[0]``; its exit code (errors propagate to ``main``)."""
+    if argv[0] == "export":
+        return _export_main(argv[1:])
+    if argv[0] == "evaluate":
+        return _evaluate_main(argv[1:])
+    if argv[0] not in _LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], [*_LIGHTNING_SUBCOMMANDS, "export", "evaluate"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CommandLineError(f"error: unknown command {argv[0]!r}{hint}\n\n{HELP}")
+    cli = run_cli(argv)
     signum = stop_signal(cli.trainer)
     if signum is not None:
         return 128 + signum  # what a shell reports for a process ended by that signal: the run is not done
-    return 1 if getattr(cli, "failures", None) else 0
+    return EXIT_FAILED if getattr(cli, "failures", None) else EXIT_OK
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def failure_message(error: BaseException) -> str | None:
+    """The one message for a run that failed on something the user can fix (exit code 1): the library's own
+    errors (bad data or checkpoint, non-finite loss, a check of an argument during the run) and a file that
+    cannot be written; ``""`` where another process prints it; None for anything else (a bug: its traceback
+    is shown)."""
+    from .checkpoint_io import CheckpointFileError
+    from .guard import NonFiniteLossError
+
+    if isinstance(error, NonFiniteLossError):
+        return f"error: {error}" if _is_rank_zero() else ""  # every process stops together; one message
+    if isinstance(error, OSError) and error.errno in _NOT_WRITABLE and error.filename:
+        return (f"error: cannot write {error.filename}: {error.strerror}. Choose a folder you can write to "
+                "(--trainer.default_root_dir, a ModelCheckpoint's dirpath, export's output), or change its permissions")
+    if isinstance(error, (RunError, CheckpointFileError)) or _raised_by_the_library(error):
+        return f"error: {error}"
+    return None
+
+
+def _raised_by_the_library(error: BaseException) -> bool:
+    """Whether ``error`` is a check of the library's: a ``ValueError``, ``TypeError`` or missing file raised by
+    the code of ``ssl_modules``, ``datamodules`` or ``callbacks`` itself, with its own message."""
+    if not isinstance(error, (ValueError, TypeError, FileNotFoundError)) or not str(error):
+        return False
+    frame_tb = error.__traceback__
+    if frame_tb is None:
+        return False
+    while frame_tb.tb_next is not None:
+        frame_tb = frame_tb.tb_next
+    raised_in = Path(frame_tb.tb_frame.f_code.co_filename).resolve()
+    roots = [Path(importlib.import_module(name).__file__ or "").resolve().parent for name in _PACKAGES]
+    return any(root in raised_in.parents for root in roots)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
+from .functional._precision import full_precision
 
 __all__ = [
     "boxes_from_attention",
@@ -109,10 +110,17 @@ def last_block_cls_attention(backbone: Backbone, images: Tensor) -> Tensor:
     qkv = attention.qkv(tokens).reshape(batch, length, 3, attention.num_heads, attention.head_dim)
     query = attention.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, heads, 1, d): the CLS query only
     keys = attention.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, heads, T, d)
-    logits = (query.float() * attention.scale) @ keys.float().transpose(-2, -1)
-    to_patches = logits.softmax(dim=-1)[:, :, 0, backbone.num_prefix_tokens :]  # (B, heads, h * w)
+    weights = _cls_attention(query, keys, attention.scale)  # (B, heads, 1, T)
+    to_patches = weights[:, :, 0, backbone.num_prefix_tokens :]  # (B, heads, h * w)
     height, width = backbone.grid_size(*images.shape[-2:])
     return to_patches.sum(dim=1).reshape(batch, height, width)
+
+
+@full_precision
+def _cls_attention(query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """``softmax(q k^T * scale)`` over the keys, in at least float32 with autocast off (the box update runs under
+    the trainer's precision, whose autocast would turn the product back into a half-precision matmul)."""
+    return ((query * scale) @ keys.transpose(-2, -1)).softmax(dim=-1)
 
 
 def _span(above: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .contracts import Views
@@ -20,6 +21,7 @@ from . import distributed
 from .backbones import Backbone, Features, is_vit_name
 from .base import SSLModule
 from .functional import cribo_loss, joint_space_clustering, object_representations
+from .functional._precision import at_least_float32
 from .heads import DINOHead, NormalizedLinear
 from .memory_bank import ObjectMemoryBank, upgrade_flat_bank_keys
 from .mixins import TeacherEMA, cell_locations, encode_views
@@ -27,6 +29,14 @@ from .ranges import check_ranges
 from .schedules import RunPlan, Schedule, linspace_ramp
 
 __all__ = ["CrIBo", "CrIBoHead"]
+
+
+def _read_flat_bank(module: CrIBo, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: a state dict holding the bank in the flat reference layout (``bank`` /
+    ``bank_counts``, newest first, as ``ObjectMemoryBank.logical()`` gives it and as checkpoints of earlier
+    versions of the library held it) loads into the ring buffer. A module-level function, not a closure, so
+    that the module pickles."""
+    upgrade_flat_bank_keys(state_dict, prefix, "memory_bank", module.memory_bank.normalized)
 
 
 class CrIBoHead(DINOHead):
@@ -37,6 +47,18 @@ class CrIBoHead(DINOHead):
                  bottleneck_dim: int = 256, use_bn: bool = False, norm_last_layer: bool = True) -> None:
         super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, 3, use_bn, norm_last_layer)
         self.last_layer_c = NormalizedLinear(bottleneck_dim, object_out_dim, norm_last_layer)
+
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """The l2-normalised bottleneck, normalised in at least float32 and returned in the MLP's dtype.
+
+        CUDA autocast runs ``F.normalize`` in float32 (PyTorch's AMP op reference), so under the official fp16
+        training a padding object's all-zero row stays 0; CPU autocast keeps ``F.normalize`` in float16, where
+        its ``eps`` (1e-12) underflows and the row becomes 0/0 = NaN (its gradient too, so a GradScaler skips
+        every step). Normalising in float32 here gives the CUDA result on every device; the next layer casts
+        to the autocast dtype anyway.
+        """
+        hidden = self.mlp(x)
+        return F.normalize(at_least_float32(hidden), dim=-1).to(hidden.dtype)
 
     def objects(self, x: Tensor) -> Tensor:
         return self.last_layer_c(self.bottleneck(x))
@@ -156,8 +178,7 @@ class CrIBo(TeacherEMA, SSLModule):
         # The official initial bank: uniform random rows, every slot "full" (K objects), identical on
         # every process (a fixed seed), pushed out by real objects one batch at a time.
         self.memory_bank = ObjectMemoryBank(queue_size, num_clusters, width, normalized_matching, seed=0)
-        self._register_load_state_dict_pre_hook(
-            lambda state, prefix, *_: upgrade_flat_bank_keys(state, prefix, "memory_bank", normalized_matching))
+        self.register_load_state_dict_pre_hook(_read_flat_bank)  # picklable: ddp_spawn, torch.save(module)
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         """The official (DINO) ViT draws its CLS token from a truncated normal of std 0.02 (timm: 1e-6)."""

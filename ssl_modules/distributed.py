@@ -2,12 +2,17 @@
 
 Everything a method must compute on the global batch (VICReg's variance and covariance, BAM's similarity
 columns, CrIBo's memory bank) goes through these helpers. Torch only: no Lightning import.
+
+Inside an optional part (``optional_parts.agreed_failure``: the probes), every collective first asks the
+processes whether one of them has failed, so that a failure on one process never leaves the others waiting.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .optional_parts import before_collective
 
 __all__ = [
     "is_distributed",
@@ -18,6 +23,8 @@ __all__ = [
     "all_gather_variable",
     "gather_in_index_order",
     "all_reduce",
+    "broadcast_",
+    "sum_",
 ]
 
 
@@ -64,6 +71,7 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     """
     if not is_distributed():
         return tensor
+    before_collective()
     return _AllGatherSumBackward.apply(tensor)
 
 
@@ -72,6 +80,7 @@ def all_gather_no_grad(tensor: Tensor) -> Tensor:
     """Concatenate every process's ``tensor`` along dim 0 in rank order, as a constant."""
     if not is_distributed():
         return tensor.detach()
+    before_collective()
     pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(pieces, tensor.detach().contiguous())
     return torch.cat(pieces, dim=0)
@@ -120,5 +129,26 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
         raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
     out = tensor.detach().clone()
     if is_distributed():
+        before_collective()
         dist.all_reduce(out, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
     return out
+
+
+@torch.no_grad()
+def broadcast_(tensors: list[Tensor], source: int = 0) -> None:
+    """Overwrite every process's ``tensors`` in place with ``source``'s (no-op when not distributed)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        before_collective()
+        dist.broadcast(tensor, src=source)
+
+
+@torch.no_grad()
+def sum_(tensors: list[Tensor]) -> None:
+    """Replace every process's ``tensors`` in place by their sum over processes (no-op when not distributed)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        before_collective()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional._precision import full_precision
 from .functional.cribo import cycle_mask
 
 __all__ = ["ObjectMemoryBank", "upgrade_flat_bank_keys"]
@@ -137,12 +138,16 @@ class ObjectMemoryBank(nn.Module):
         return self.keys[view].index_select(0, indices) * self.norms[view].index_select(0, indices)[:, None]
 
     @torch.no_grad()
+    @full_precision
     def search(self, queries: Tensor, *, query_valid: Tensor | None = None, query_groups: Tensor | None = None,
                chunk_size: int = 65536) -> dict[str, Tensor]:
         """Nearest neighbours and cycle mask, as ``cycle_consistent_neighbours`` on the valid rows.
 
         Returns ``{"indices": (2, M) physical rows, "neighbours": (2, M, D) raw objects, "mask": (2, M)}``;
         neighbours and mask equal the reference's (the reference's indices are logical, newest first).
+        Runs in at least float32 with autocast off, as the reference (``full_precision``): under
+        ``16-mixed``/``bf16-mixed`` the similarities would otherwise be half-precision matmuls, and near-tied
+        bank rows would swap places.
         """
         if queries.dim() != 3 or queries.shape[0] != 2 or queries.shape[2] != self.keys.shape[2]:
             raise ValueError(f"queries must be (2, M, {self.keys.shape[2]}), got {tuple(queries.shape)}")

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, read_checkpoint
+from .backbones import Backbone
 from .base import SSLModule
+from .checkpoint_io import read_checkpoint
 
 __all__ = ["load_official", "load_official_state", "save_official", "official_state", "load_backbone_weights",
            "export_official", "detect_method"]
@@ -250,19 +251,21 @@ def detect_method(checkpoint: dict[str, Any]) -> str:
                      f"{sorted(checkpoint)[:10]}); pass method='cribo', 'bam' or 'vicregl'")
 
 
-def load_official(path: str | Path, method: str | None = None, module: SSLModule | None = None,
-                  **module_kwargs: Any) -> SSLModule:
+def load_official(path: str | Path, method: str | None = None, module: SSLModule | None = None, *,
+                  trust_checkpoint: bool = False, **module_kwargs: Any) -> SSLModule:
     """A ``CrIBo``, ``BAM`` or ``VICRegL`` module holding a full official checkpoint.
 
     Args:
         path: the official training checkpoint (``checkpoint.pth`` / ``model.pth``).
         method: ``"cribo"``, ``"bam"`` or ``"vicregl"``; ``None`` tells it from the layout.
         module: load into this module instead of building one.
+        trust_checkpoint: read the file with full unpickling, for a checkpoint that holds types beyond the
+            official ones (the trust rule of ``ssl_modules.checkpoint_io``; it can run code from the file).
         **module_kwargs: arguments of the method's constructor. Head widths, CrIBo's bank size and number of
             clusters are read from the tensors' shapes; the backbone (``backbone``, ``backbone_kwargs``) from
             its shapes (ViTs, torchvision ResNets, ConvNeXts) or the official ``args.arch`` when not given.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, trust_checkpoint=trust_checkpoint, lightning=False)
     method = method or (_method_of(module) if module is not None else detect_method(checkpoint))
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -275,17 +278,21 @@ def load_official(path: str | Path, method: str | None = None, module: SSLModule
     return module
 
 
-def load_backbone_weights(path: str | Path, name: str, **kwargs: Any) -> Backbone:
+def load_backbone_weights(path: str | Path, name: str, *, trust_checkpoint: bool = False, **kwargs: Any) -> Backbone:
     """A :class:`~ssl_modules.Backbone` ``name`` (``kwargs``: its options and timm arguments) holding the
     weights of ``path``: an official backbone release, a full official checkpoint (its teacher's backbone),
-    a Lightning checkpoint of this library or ``export``'s ``backbone.pt``."""
-    return Backbone(name, weights=path, **kwargs)
+    a Lightning checkpoint of this library or ``export``'s ``backbone.pt``. ``trust_checkpoint``: see
+    :func:`load_official`."""
+    return Backbone(name, weights=path, trust_checkpoint=trust_checkpoint, **kwargs)
 
 
-def export_official(path: str | Path, output: str | Path, method: str | None = None, **module_kwargs: Any) -> Path:
+def export_official(path: str | Path, output: str | Path, method: str | None = None, *,
+                    trust_checkpoint: bool = False, **module_kwargs: Any) -> Path:
     """Write the (teacher's) backbone of an official checkpoint as timm weights, as ``export`` does for the
-    library's own checkpoints (``output`` and ``output.json`` with the timm name and kwargs)."""
-    return load_official(path, method, **module_kwargs).export_backbone(output)
+    library's own checkpoints (``output`` and ``output.json`` with the timm name and kwargs).
+    ``trust_checkpoint``: see :func:`load_official`."""
+    module = load_official(path, method, trust_checkpoint=trust_checkpoint, **module_kwargs)
+    return module.export_backbone(output)
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -8,7 +8,7 @@
   mid-epoch checkpoint that resumes the rest of that epoch (``hpc_ckpt_N.ckpt`` plus ``scontrol requeue``
   for the SLURM signal). Checkpoints written on the way out after such a stop (ModelCheckpoint's epoch-end
   save) hold that same mid-epoch state, so none supersedes it.
-- ``resolve_last_checkpoint``: the newest checkpoint of a run's folder, for ``fit --ckpt_path last``.
+- ``resolve_last_checkpoint``: the newest checkpoint of a run's own folders, for ``fit --ckpt_path last``.
 - ``checkpoint_class`` / ``check_checkpoint_class``: a checkpoint of another method class fails before
   training, naming both.
 - ``hparam_differences``: what a command line changes against a checkpoint's hyper-parameters.
@@ -19,7 +19,7 @@ import copy
 import importlib
 import random
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,12 @@ __all__ = [
     "ExactResume",
     "check_checkpoint_class",
     "checkpoint_class",
+    "checkpoint_dirpaths",
     "hparam_differences",
+    "logs_folder",
     "prepare_resume",
     "resolve_last_checkpoint",
+    "run_checkpoint_folders",
     "rng_state",
     "set_rng_state",
 ]
@@ -79,8 +82,42 @@ def _gather_objects(value: Any) -> list[Any]:
 
 
 def _detached_copy(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy whose tensors are CPU clones: later training cannot change it."""
-    return copy.deepcopy(checkpoint)
+    """A copy of ``checkpoint`` that later training cannot change, held in host memory: every tensor becomes a
+    detached copy in CPU memory (a tensor that appears twice is copied once), containers are rebuilt with the
+    same types and nesting, and other values are deep copies. A stop at peak GPU memory needs no device memory
+    for it (``copy.deepcopy`` would clone weights, optimizer moments and CrIBo's bank on the device)."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:
+            copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+        return copies[id(tensor)]
+
+    return _rebuild(checkpoint, to_host)
+
+
+def _reused_copy(frozen: dict[str, Any]) -> dict[str, Any]:
+    """``frozen`` (a :func:`_detached_copy`) with fresh containers around the same host tensors: a later save may
+    add or replace entries of what it gets without changing ``frozen``, and no tensor is copied again."""
+    return _rebuild(frozen, lambda tensor: tensor)
+
+
+def _rebuild(value: Any, on_tensor: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with every tensor replaced by ``on_tensor(tensor)``, dicts, lists and tuples (named ones
+    included) rebuilt with their types, and any other value deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return on_tensor(value)
+    if isinstance(value, dict):  # dict, OrderedDict, Lightning's AttributeDict, ...
+        rebuilt = copy.copy(value)
+        for key, item in value.items():
+            rebuilt[key] = _rebuild(item, on_tensor)
+        return rebuilt
+    if isinstance(value, list):
+        return [_rebuild(item, on_tensor) for item in value]
+    if isinstance(value, tuple):
+        items = [_rebuild(item, on_tensor) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return copy.deepcopy(value)
 
 
 class ExactResume(pl.Callback):
@@ -155,8 +192,9 @@ class ExactResume(pl.Callback):
         self.stop_signal = signum
         trainer.should_stop = True
         if batch_idx + 1 >= trainer.num_training_batches:
-            # the epoch is complete: its end-of-epoch work (ContrastiveCrop's boxes, ModelCheckpoint) runs as
-            # usual, and a signal's checkpoint is written once training has ended
+            # the epoch is complete: ModelCheckpoint's epoch-end save runs as usual (the optional parts and
+            # ContrastiveCrop's boxes do not: optional_parts.stopped_early), and a signal's checkpoint is
+            # written once training has ended
             self._save_at_train_end = signum is not None
             return
         self._stop_checkpoint = _detached_copy(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
@@ -194,7 +232,7 @@ class ExactResume(pl.Callback):
         frozen = self._stop_checkpoint
 
         def dump_checkpoint(self: Any, weights_only: bool | None = False) -> dict[str, Any]:
-            return _detached_copy(frozen)
+            return _reused_copy(frozen)  # the host copy of the stop, not a new copy (nor one on the device)
 
         connector.dump_checkpoint = types.MethodType(dump_checkpoint, connector)
 
@@ -220,14 +258,99 @@ def _resumed_after_last_batch(trainer: pl.Trainer) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the CLI side
-def resolve_last_checkpoint(root: str | Path) -> Path | None:
-    """The newest ``.ckpt`` (by modification time) under ``root`` (a run's ``default_root_dir``: its
-    ``lightning_logs/version_*/checkpoints`` folders included), or None."""
+def run_checkpoint_folders(root: str | Path, dirpaths: Sequence[str | Path] = (),
+                           logs: str | Path | None = None) -> list[Path]:
+    """The folders where a run with ``default_root_dir`` ``root`` writes its checkpoints: the checkpoint
+    callbacks' ``dirpaths`` when the config sets them; else ``root/checkpoints`` (no logger, or no checkpoint
+    callback: where the stop checkpoint goes) and the ``checkpoints`` folder of the newest ``version_N`` under
+    ``logs`` (default ``root/lightning_logs``) that has any. Never other sub-folders: another run's
+    checkpoints are not this run's."""
+    if dirpaths:
+        return [Path(folder) for folder in dirpaths]
     root = Path(root)
-    if not root.is_dir():
-        return None
-    candidates = [path for path in root.rglob("*.ckpt") if path.is_file()]
+    folders = [root / "checkpoints"]
+    version = _newest_version_with_checkpoints(Path(logs) if logs is not None else root / "lightning_logs")
+    if version is not None:
+        folders.append(version / "checkpoints")
+    return folders
+
+
+def _newest_version_with_checkpoints(logs: Path) -> Path | None:
+    """The ``version_N`` folder under ``logs`` with the highest N among those with a ``checkpoints/*.ckpt``."""
+    versions = []
+    for folder in logs.glob("version_*"):
+        number = folder.name.removeprefix("version_")
+        if number.isdigit() and any(path.is_file() for path in (folder / "checkpoints").glob("*.ckpt")):
+            versions.append((int(number), folder))
+    return max(versions)[1] if versions else None
+
+
+def resolve_last_checkpoint(root: str | Path, dirpaths: Sequence[str | Path] = (),
+                            logs: str | Path | None = None) -> Path | None:
+    """The newest ``.ckpt`` (by modification time) of the run whose ``default_root_dir`` is ``root``: in its
+    :func:`run_checkpoint_folders` and Lightning's SLURM ``root/hpc_ckpt_*.ckpt``; None when there is none."""
+    root = Path(root)
+    candidates = [path for folder in run_checkpoint_folders(root, dirpaths, logs) for path in folder.glob("*.ckpt")]
+    candidates += list(root.glob("hpc_ckpt_*.ckpt"))
+    candidates = [path for path in candidates if path.is_file()]
     return max(candidates, key=lambda path: path.stat().st_mtime_ns) if candidates else None
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """``config[key]`` of a jsonargparse Namespace or dict (None when absent), or the attribute of an object."""
+    if config is None:
+        return None
+    if hasattr(config, "get"):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def _is_model_checkpoint(class_path: str) -> bool:
+    """Whether a config's ``class_path`` names ``ModelCheckpoint`` or a subclass of it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    try:
+        cls = _import_class(class_path)
+    except Exception:  # a user's module that fails to import: judge by the name (Lightning reports the error)
+        cls = None
+    if isinstance(cls, type):
+        return issubclass(cls, ModelCheckpoint)
+    return class_path.rpartition(".")[2] == "ModelCheckpoint"
+
+
+def checkpoint_dirpaths(trainer: Any) -> list[str]:
+    """The ``dirpath`` of every ``ModelCheckpoint`` that a ``trainer`` config section sets one for."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = _config_value(trainer, "callbacks") or []
+    if not isinstance(callbacks, (list, tuple)):
+        callbacks = [callbacks]
+    found = []
+    for entry in callbacks:
+        if isinstance(entry, ModelCheckpoint):
+            dirpath = entry.dirpath
+        else:
+            class_path = _config_value(entry, "class_path")
+            is_checkpoint = isinstance(class_path, str) and _is_model_checkpoint(class_path)
+            dirpath = _config_value(_config_value(entry, "init_args"), "dirpath") if is_checkpoint else None
+        if dirpath:
+            found.append(str(dirpath))
+    return found
+
+
+def logs_folder(trainer: Any, root: str | Path) -> Path:
+    """Where a ``trainer`` config section's (first) logger puts its ``version_N`` folders: ``save_dir/name``
+    of a logger given with ``init_args`` (TensorBoardLogger, CSVLogger), else ``root/lightning_logs``."""
+    logger = _config_value(trainer, "logger")
+    if isinstance(logger, (list, tuple)):
+        logger = logger[0] if logger else None
+    init_args = None if isinstance(logger, bool) else _config_value(logger, "init_args")
+    if init_args is None:
+        return Path(root) / "lightning_logs"
+    save_dir = Path(_config_value(init_args, "save_dir") or root)
+    given = hasattr(init_args, "__contains__") and "name" in init_args  # name=None: no folder of its own
+    name = _config_value(init_args, "name") if given else "lightning_logs"
+    return save_dir / str(name) if name else save_dir
 
 
 def checkpoint_class(checkpoint: Mapping[str, Any]) -> str | None:
@@ -277,27 +400,43 @@ def _import_class(class_path: str) -> type | None:
 
 
 def _read_for_resume(path: Path) -> dict[str, Any]:
-    """The checkpoint's entries (memory-mapped: the tensors are not read), or an error naming the file."""
-    from .checkpoint_io import CheckpointFileError, check_checkpoint_file
+    """The checkpoint's entries (memory-mapped: the tensors are not read), read weights-only by the library's
+    one reader (``checkpoint_io.read_checkpoint``), or an error naming the file. A run resumes only from a
+    checkpoint that loads weights-only, as Lightning itself then reads it (``docs/resume.md``)."""
+    from .checkpoint_io import CheckpointFileError, UntrustedCheckpointError, read_checkpoint
 
-    check_checkpoint_file(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises EOFError, UnpicklingError, RuntimeError, IndexError, ...
+        return read_checkpoint(path, mmap=True, label=f"--ckpt_path {path}")
+    except UntrustedCheckpointError as error:
         raise CheckpointFileError(
-            f"--ckpt_path {path} could not be read ({type(error).__name__}: {error}): expected a .ckpt file written "
-            "by a Lightning Trainer; the file is probably damaged, use an earlier checkpoint") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointFileError(f"--ckpt_path {path} holds no 'state_dict' entry: expected a .ckpt file written "
-                                  "by a Lightning Trainer")
-    return checkpoint
+            f"--ckpt_path {path} holds {', '.join(error.refused)}, which a weights-only read refuses (unpickling it "
+            "could run code from the file), and Lightning reads --ckpt_path weights-only too: resume from a "
+            "checkpoint written by this library's runs, which holds no such types") from None
+
+
+def _resolve_last(trainer: Any) -> tuple[Path | None, str]:
+    """``--ckpt_path last`` of a ``trainer`` config section: the newest checkpoint of the run's own folders
+    (:func:`resolve_last_checkpoint`), and the line that tells the user which one, or that there is none."""
+    root = Path(_config_value(trainer, "default_root_dir") or Path.cwd())
+    dirpaths = checkpoint_dirpaths(trainer)
+    logs = logs_folder(trainer, root)
+    found = resolve_last_checkpoint(root, dirpaths, logs)
+    if found is not None:
+        return found, f"--ckpt_path last: resuming {found} (the newest checkpoint of this run's folders)"
+    searched = run_checkpoint_folders(root, dirpaths, logs)
+    if not dirpaths:
+        searched.append(logs / "version_*" / "checkpoints")
+    where = ", ".join(str(folder) for folder in [*searched, root / "hpc_ckpt_*.ckpt"])
+    return None, f"--ckpt_path last: no checkpoint under {root} (looked in {where}); starting a new run"
 
 
 def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[str]:
     """Check and complete the ``fit`` config ``section`` (a jsonargparse Namespace) for its ``ckpt_path``.
 
-    - ``ckpt_path: last`` becomes the newest checkpoint under ``trainer.default_root_dir`` (the current
-      folder when unset), or None (a fresh start, said in the returned lines) when there is none;
+    - ``ckpt_path: last`` becomes the newest checkpoint of the run's own folders (the checkpoint callbacks'
+      ``dirpath`` when the config sets one, else ``checkpoints/`` and the newest ``lightning_logs/version_N/
+      checkpoints/`` under ``trainer.default_root_dir`` or the current folder, plus SLURM's ``hpc_ckpt_N.ckpt``;
+      never other sub-folders), named in the returned lines, or None (a fresh start, said there too);
     - a checkpoint written by another method class than ``model.class_path`` raises a ``ValueError``
       naming both, before anything is built;
     - the model's hyper-parameters are those of the config and command line: the ones that differ from
@@ -308,13 +447,12 @@ def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[s
         return []
     lines: list[str] = []
     if ckpt_path == "last":
-        root = (section.get("trainer") or {}).get("default_root_dir") or Path.cwd()
-        found = resolve_last_checkpoint(root)
+        found, line = _resolve_last(section.get("trainer"))
+        lines.append(line)
         if found is None:
             section["ckpt_path"] = None
-            return [f"--ckpt_path last: no checkpoint under {root}; starting a new run"]
+            return lines
         section["ckpt_path"] = ckpt_path = str(found)
-        lines.append(f"--ckpt_path last: resuming {found}")
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist; give a .ckpt file, or 'last' for the newest "

@@ -156,6 +156,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
     timm_kwargs: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
 ) -> EvaluationReport:
     """Run the papers' evaluation protocols on a backbone.
 
@@ -182,6 +183,8 @@ def evaluate(
         cache_dir: keep extracted features on disk between runs (keyed by the weights).
         show_progress: progress bars on process 0.
         timm_kwargs: ``timm.create_model`` arguments for a timm name.
+        trust_checkpoint: read a model file with full unpickling (the trust rule of
+            ``ssl_modules.checkpoint_io``: it can run code from the file, so only for files you trust).
     """
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -192,7 +195,8 @@ def evaluate(
     for protocol in ("hummingbird", "voc-linear"):
         if protocol in protocols:
             overrides.setdefault(protocol, {}).setdefault("num_classes", voc_classes)
-    backbone = load_backbone(model, official=official, teacher=teacher, **(timm_kwargs or {}))
+    backbone = load_backbone(model, official=official, teacher=teacher, trust_checkpoint=trust_checkpoint,
+                             **(timm_kwargs or {}))
     settings = {p: resolve_settings(p, presets.get(p), backbone, overrides.get(p)) for p in protocols}
     _check_data(protocols, imagenet, voc, voc_classes)
     if device is None:

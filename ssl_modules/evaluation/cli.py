@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import ast
+import dataclasses
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse", "usable_cpus", "CommandLineParser", "UsageError"]
+
+# Exit codes, the same in every command of ``python -m ssl_modules`` (docs/failures.md)
+EXIT_FAILED = 1  # the evaluation failed: missing or unreadable data, model or checkpoint
+EXIT_USAGE = 2  # a bad command line
 
 _EXAMPLES = (
     "examples (one per paper result; docs/evaluation.md):\n"
@@ -34,11 +39,32 @@ def _presets_help() -> str:
     return "\n".join(lines)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one (Linux), else all of the
+    machine's (macOS, Windows); at least 1."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return max(1, len(affinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class UsageError(ValueError):
+    """A bad command line, in one line for the user (exit code 2)."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse`` that raises :class:`UsageError` instead of printing its whole usage and exiting, so that a
+    bad command line gets one line and the caller decides the exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} ({self.prog} --help lists the options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``evaluate``."""
     from .api import PROTOCOLS
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m ssl_modules evaluate",
         description="Evaluate a backbone with the papers' protocols (frozen backbone, float32 features).",
         epilog=_presets_help() + "\n\n" + _EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--official", choices=["auto", "cribo", "bam", "vicregl"],
                         help="the model is an official checkpoint of this method (auto: from its layout)")
     parser.add_argument("--student", action="store_true", help="evaluate the student backbone instead of the teacher")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read the model file with full unpickling even if it holds types a weights-only read "
+                        "refuses (it can run code from the file: only for files you trust; docs/resume.md)")
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
                         help="feature precision (default 32: float32, as the protocols)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch and process")
-    parser.add_argument("--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+    parser.add_argument("--num-workers", type=int, default=min(4, usable_cpus()),
                         help="loader workers per process (default: 4, or the CPUs this process may use if fewer)")
     parser.add_argument("--output", default="evaluation", help="folder for evaluation.json and evaluation.txt")
     parser.add_argument("--cache-dir", help="keep extracted features here between runs (keyed by the weights)")
@@ -84,19 +113,61 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"evaluate: {what} {item!r} must look like KEY=VALUE")
+            raise UsageError(f"{what} {item!r} must look like KEY=VALUE")
         pairs.append((key.strip(), value.strip()))
     return pairs
 
 
+def _settings_fields(protocol: str, preset: str | None) -> list[str]:
+    """The setting names ``--set <protocol>.<name>=...`` accepts."""
+    from .api import PRESETS
+    from .hummingbird import HummingbirdSettings
+    from .knn import KNNSettings
+    from .linear import LINEAR_PRESETS
+    from .voc_linear import VOC_LINEAR_PRESETS
+
+    preset = preset or next(iter(PRESETS[protocol]))
+    settings = {"knn": KNNSettings, "hummingbird": HummingbirdSettings, "linear": LINEAR_PRESETS.get(preset),
+                "voc-linear": VOC_LINEAR_PRESETS.get(preset)}[protocol]
+    return [field.name for field in dataclasses.fields(settings)] if settings is not None else []
+
+
+def check_command_line(kwargs: dict[str, Any]) -> None:
+    """A :class:`UsageError` for what the command line alone shows wrong: a preset or ``--set`` of an unknown
+    protocol, an unknown preset or setting, a protocol without the data root it reads. Checked before the
+    model is loaded, so that a typo costs nothing and exits 2 (a failure while evaluating exits 1)."""
+    from .api import DATA_KIND, PRESETS, PROTOCOLS
+
+    for protocol, preset in kwargs["presets"].items():
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"--preset {protocol}={preset}: unknown protocol {protocol!r}; choose from "
+                             f"{', '.join(PROTOCOLS)}")
+        if preset not in PRESETS[protocol]:
+            raise UsageError(f"--preset {protocol}={preset}: unknown preset; {protocol} has "
+                             f"{', '.join(PRESETS[protocol])}")
+    for protocol, values in kwargs["overrides"].items():
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"--set {protocol}...: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        known = _settings_fields(protocol, kwargs["presets"].get(protocol))
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UsageError(f"--set {protocol}.{unknown[0]}: {protocol} has no setting {unknown[0]!r}; known: "
+                             f"{', '.join(sorted(known))}")
+    for protocol in kwargs["protocols"]:
+        kind = DATA_KIND[protocol]
+        if kwargs[kind] is None:
+            layout = "an ImageNet-layout" if kind == "imagenet" else "a Pascal VOC"
+            raise UsageError(f"--protocols {protocol} reads {layout} data set: pass --{kind} <folder>")
+
+
 def parse(argv: list[str]) -> dict[str, Any]:
-    """``evaluate``'s keyword arguments from the command line."""
+    """``evaluate``'s keyword arguments from the command line; a :class:`UsageError` when it is wrong."""
     args = build_parser().parse_args(argv)
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in _pairs(args.overrides, "--set"):
         protocol, dot, name = key.partition(".")
         if not dot:
-            raise SystemExit(f"evaluate: --set {key}=... must name the protocol, e.g. linear.epochs=10")
+            raise UsageError(f"--set {key}=... must name the protocol, e.g. linear.epochs=10")
         overrides.setdefault(protocol, {})[name] = _value(value)
     return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc,
                 voc_classes=args.voc_classes,
@@ -104,7 +175,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
                 teacher=not args.student, precision=args.precision, device=args.device, batch_size=args.batch_size,
                 num_workers=args.num_workers, output=args.output, cache_dir=args.cache_dir,
                 show_progress=not args.no_progress,
-                timm_kwargs={k: _value(v) for k, v in _pairs(args.timm_kwarg, "--timm-kwarg")})
+                timm_kwargs={k: _value(v) for k, v in _pairs(args.timm_kwarg, "--timm-kwarg")},
+                trust_checkpoint=args.trust_checkpoint)
 
 
 def _init_distributed() -> None:
@@ -121,19 +193,32 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
+def _parse_command_line(argv: list[str]) -> dict[str, Any] | int:
+    """The keyword arguments of ``evaluate``, or exit code 2 after one line on stderr for a bad command line
+    (``--help`` exits 0 through ``SystemExit``, as argparse does)."""
+    try:
+        kwargs = parse(argv)
+        check_command_line(kwargs)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``evaluate``; prints the table and returns the exit status (0 on success, 2 on bad input)."""
-    kwargs = parse(sys.argv[1:] if argv is None else list(argv))
+    """Run ``evaluate``; prints the table and returns the exit status: 0 on success, 1 when the evaluation fails
+    (missing or unreadable data, model or checkpoint), 2 for a bad command line (``docs/failures.md``)."""
+    kwargs = _parse_command_line(sys.argv[1:] if argv is None else list(argv))
+    if isinstance(kwargs, int):
+        return kwargs
     from .api import evaluate
-    from .datasets import EvalDataError
-    from .models import ModelSourceError
 
     _init_distributed()
     try:
         report = evaluate(**kwargs)
-    except (EvalDataError, ModelSourceError, ValueError) as error:
-        print(f"evaluate: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # EvalDataError, ModelSourceError, CheckpointFileError and the checks of the API
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     from ssl_modules import distributed
 
     if distributed.rank() == 0:

@@ -7,10 +7,10 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ssl_modules.backbones import Backbone
+from ssl_modules.checkpoint_io import UntrustedCheckpointError, load_module, read_checkpoint
 
 __all__ = ["ModelSourceError", "load_backbone", "describe_source"]
 
@@ -20,7 +20,7 @@ class ModelSourceError(ValueError):
 
 
 def load_backbone(source: str | Path | nn.Module, official: str | None = None, teacher: bool = True,
-                  **timm_kwargs: Any) -> Backbone:
+                  trust_checkpoint: bool = False, **timm_kwargs: Any) -> Backbone:
     """The backbone to evaluate. One read from a file or a name is frozen (gradients off); a module passed in
     is used as it is (``evaluate`` embeds without gradients and gives it back in its training mode).
 
@@ -31,27 +31,30 @@ def load_backbone(source: str | Path | nn.Module, official: str | None = None, t
         official: the method of an official checkpoint (``"cribo"``, ``"bam"``, ``"vicregl"``, or ``"auto"``
             to tell it from the checkpoint); loaded with ``ssl_modules.official.load_official``.
         teacher: take the teacher backbone where the module has one (False: the student).
+        trust_checkpoint: read a checkpoint file with full unpickling, for a file that holds types a
+            weights-only read refuses (the trust rule of ``ssl_modules.checkpoint_io``; it can run code from
+            the file, so only for files from a source you trust).
         **timm_kwargs: ``timm.create_model`` arguments for a timm name (``img_size``, ``patch_size``, ...).
     """
-    backbone = _resolve(source, official, teacher, timm_kwargs)
+    backbone = _resolve(source, official, teacher, trust_checkpoint, timm_kwargs)
     if not isinstance(source, nn.Module):
         backbone.eval()
         backbone.requires_grad_(False)
     return backbone
 
 
-def _resolve(source: Any, official: str | None, teacher: bool, timm_kwargs: dict[str, Any]) -> Backbone:
+def _resolve(source: Any, official: str | None, teacher: bool, trust: bool, timm_kwargs: dict[str, Any]) -> Backbone:
     if isinstance(source, Backbone):
         return source
     if isinstance(source, nn.Module):
         return _module_backbone(source, teacher)
     path = Path(str(source)).expanduser()
     if official is not None:
-        return _official(path, official, teacher)
+        return _official(path, official, teacher, trust)
     if path.suffix == ".ckpt" or (path.is_file() and path.suffix not in (".pt", ".pth", ".json")):
-        return _checkpoint(path, teacher)
+        return _checkpoint(path, teacher, trust)
     if path.suffix in (".pt", ".pth", ".json"):
-        return _exported(path)
+        return _exported(path, trust)
     return _timm(str(source), timm_kwargs)
 
 
@@ -65,19 +68,19 @@ def _module_backbone(module: nn.Module, teacher: bool) -> Backbone:
     return backbone
 
 
-def _checkpoint(path: Path, teacher: bool) -> Backbone:
-    from ssl_modules.base import SSLModule
-
+def _checkpoint(path: Path, teacher: bool, trust: bool) -> Backbone:
     if not path.is_file():
         raise ModelSourceError(f"no checkpoint at {path}: pass the .ckpt a Trainer wrote (checkpoints/last.ckpt)")
     try:
-        module = SSLModule.load_any(path)
+        module = load_module(path, trust_checkpoint=trust)
+    except UntrustedCheckpointError:
+        raise  # its message names the file, the refused types and the flag
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
         raise ModelSourceError(f"{path} could not be read as a checkpoint of this library: {error}") from error
     return _module_backbone(module, teacher)
 
 
-def _exported(path: Path) -> Backbone:
+def _exported(path: Path, trust: bool) -> Backbone:
     weights, meta_path = path.with_suffix(".pt"), path.with_suffix(".json")
     if not weights.is_file() and path.suffix == ".pth":
         weights = path
@@ -93,12 +96,12 @@ def _exported(path: Path) -> Backbone:
                                f"{error}") from error
     kwargs.pop("num_classes", None)
     backbone = Backbone(name, **kwargs)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_checkpoint(weights, trust_checkpoint=trust, lightning=False)
     backbone.model.load_state_dict(state, strict=True)
     return backbone
 
 
-def _official(path: Path, method: str, teacher: bool) -> Backbone:
+def _official(path: Path, method: str, teacher: bool, trust: bool) -> Backbone:
     """An official CrIBo/BAM/VICRegL training checkpoint, read by ``ssl_modules.official.load_official``
     (``method="auto"`` tells the method from the checkpoint's layout)."""
     from ssl_modules import official as official_loaders  # here: it builds every method's module
@@ -106,7 +109,10 @@ def _official(path: Path, method: str, teacher: bool) -> Backbone:
     if not path.is_file():
         raise ModelSourceError(f"no official checkpoint at {path}")
     try:
-        module = official_loaders.load_official(path, None if method == "auto" else method)
+        module = official_loaders.load_official(path, None if method == "auto" else method,
+                                                trust_checkpoint=trust)
+    except UntrustedCheckpointError:
+        raise  # its message names the file, the refused types and the flag
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
         raise ModelSourceError(f"{path} could not be read as an official {method} checkpoint: {error}") from error
     return _module_backbone(module, teacher)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_modules import distributed
@@ -99,19 +98,12 @@ def local_slice(batch: list[int]) -> list[int]:
 
 def sum_gradients_(module: nn.Module) -> None:
     """Sum every gradient over processes (no-op without DDP)."""
-    if not distributed.is_distributed():
-        return
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
+    distributed.sum_([parameter.grad for parameter in module.parameters() if parameter.grad is not None])
 
 
 def broadcast_parameters_(module: nn.Module) -> None:
     """Process 0's parameters and buffers on every process (no-op without DDP)."""
-    if not distributed.is_distributed():
-        return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+    distributed.broadcast_([tensor.data for tensor in [*module.parameters(), *module.buffers()]])
 
 
 def normal_init_(layer: nn.Module, std: float = 0.01) -> nn.Module:

@@ -39,7 +39,7 @@ def test_a_successful_fit_exits_0_and_prints_the_summary(finished_run):
     result, tmp_path = finished_run
     out = result.stdout
     for needle in ("Run finished.", "checkpoint:", "backbone:", "steps:       4 in", "images/s", "final:",
-                   "--ckpt_path last", "evaluate"):
+                   "config.yaml --ckpt_path ", "evaluate"):
         assert needle in out, out
     assert (tmp_path / "run").exists() and list((tmp_path / "run").rglob("backbone.pt"))
 

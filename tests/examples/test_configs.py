@@ -115,6 +115,21 @@ def test_paper_config_needs_only_the_data_root(path):
     assert trainer["strategy"] == "ddp" and trainer["accelerator"] == "gpu"
 
 
+# The official runs' precision: fp16 autocast + GradScaler (BAM --use_fp16 true, CrIBo "use_fp16": true,
+# VICRegL --fp16), except CrIBo's released ViT-B run, which trains in float32 ("use_fp16": false).
+OFFICIAL_PRECISION = {"cribo/imagenet_vit_base_16.yaml": "32-true"}
+
+
+@pytest.mark.parametrize("path", paper_configs(), ids=config_id)
+def test_paper_config_trains_in_the_official_precision(path):
+    precision = load(path)["trainer"]["precision"]
+    expected = OFFICIAL_PRECISION.get(config_id(path), "16-mixed")
+    assert precision == expected, f"{config_id(path)}: the official run trains in {expected}, not {precision}"
+    if expected == "16-mixed":  # the comment above the setting names the official flag
+        comment = path.read_text().split("precision: 16-mixed")[0].rsplit("\n\n", 1)[-1]
+        assert re.search(r"use_fp16|--fp16", comment), "cite the official fp16 flag next to the precision"
+
+
 def _has_batchnorm(module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 

@@ -42,7 +42,7 @@ def printed_metrics(stdout: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_train_custom_runs_ddp_on_two_cpu_processes(synthetic_root, tmp_path):  # noqa: F811
+def test_train_custom_runs_ddp_on_two_cpu_processes_with_every_probe_and_the_progress_bar(synthetic_root, tmp_path):  # noqa: F811
     steps, warmup = 3, 10
     result = run_python([str(SCRIPT), "--devices", "2", "--accelerator", "cpu", "--max-steps", str(steps),
                          "--local-warmup-steps", str(warmup), "--backbone", "convnext_atto", "--num-train", "64",
@@ -51,8 +51,8 @@ def test_train_custom_runs_ddp_on_two_cpu_processes(synthetic_root, tmp_path):  
     assert f"finished {steps} steps on 2 process(es)" in result.stdout
     metrics = printed_metrics(result.stdout)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
-    for probe in ("probe/knn_top1", "probe/linear_top1"):
-        assert 0.0 <= metrics[probe] <= 1.0
+    for probe in ("probe/knn_top1", "probe/linear_top1", "probe/voc_miou", "probe/retrieval_miou"):
+        assert 0.0 <= metrics[probe] <= 1.0  # every probe evaluated after the last step, progress bar on
     # The subclass's loss is what trained: the last step (global step 2) used 2/10 of the local weight.
     ramp = (steps - 1) / warmup
     assert metrics["train/local_ramp"] == pytest.approx(ramp)
