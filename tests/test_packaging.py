@@ -70,3 +70,20 @@ def test_the_minimum_versions_install_pins_exactly_the_floors_of_pyproject():
     assert pins.keys() == floors.keys()
     for name, floor in floors.items():
         assert _version(pins[name]) == _version(floor), name
+
+
+def test_plain_pytest_collects_what_python_m_pytest_collects():
+    """``tests/callbacks`` and ``tests/datamodules`` must not shadow the packages under the ``pytest`` script."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = Path(sys.executable).with_name("pytest")
+    counts = []
+    for command in ([str(script)], [sys.executable, "-m", "pytest"]):
+        result = subprocess.run([*command, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=repo,
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout[-2000:]
+        counts.append(result.stdout.strip().splitlines()[-1].split(" in ")[0])  # "914 tests collected"
+    assert counts[0] == counts[1] and "error" not in counts[0], counts
