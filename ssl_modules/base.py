@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import warnings
@@ -416,18 +415,13 @@ class SSLModule(pl.LightningModule):
         }
 
     @staticmethod
-    def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> SSLModule:
-        """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint)."""
-        from .checkpoint_io import CheckpointFileError, read_checkpoint
+    def load_any(path: str | Path, map_location: str | torch.device = "cpu", *,
+                 trust_checkpoint: bool = False) -> SSLModule:
+        """Load a checkpoint of any ``SSLModule`` subclass (the class is recorded in the checkpoint), read
+        under the trust rule of ``ssl_modules.checkpoint_io`` (``checkpoint_io.load_module``)."""
+        from .checkpoint_io import load_module
 
-        path = Path(path)
-        checkpoint = read_checkpoint(path, map_location)
-        class_path = checkpoint.get("ssl_module_class")
-        if class_path is None:
-            raise CheckpointFileError(f"{path} was not written by an SSLModule (no 'ssl_module_class' entry)")
-        module_name, _, class_name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        return cls.load_from_checkpoint(path, map_location=map_location)
+        return load_module(path, map_location, trust_checkpoint=trust_checkpoint)
 
     # --------------------------------------------------------------------------------------- export
     def export_backbone(self, path: str | Path) -> Path:

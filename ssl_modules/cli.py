@@ -660,7 +660,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoi
     """
     from .checkpoint_io import load_module, read_checkpoint
 
-    data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)  # the trust rule: docs/resume.md
+    # the trust rule: docs/resume.md; memory-mapped, as load_module reads the file again
+    data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint, mmap=True)
     class_path = data.get("ssl_module_class", "")
     module_name, _, class_name = class_path.rpartition(".")
     try:

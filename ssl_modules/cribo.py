@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .contracts import Views
@@ -21,7 +20,6 @@ from . import distributed
 from .backbones import Backbone, Features, is_vit_name
 from .base import SSLModule
 from .functional import cribo_loss, joint_space_clustering, object_representations
-from .functional._precision import at_least_float32
 from .heads import DINOHead, NormalizedLinear
 from .memory_bank import ObjectMemoryBank, upgrade_flat_bank_keys
 from .mixins import TeacherEMA, cell_locations, encode_views
@@ -47,18 +45,6 @@ class CrIBoHead(DINOHead):
                  bottleneck_dim: int = 256, use_bn: bool = False, norm_last_layer: bool = True) -> None:
         super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, 3, use_bn, norm_last_layer)
         self.last_layer_c = NormalizedLinear(bottleneck_dim, object_out_dim, norm_last_layer)
-
-    def bottleneck(self, x: Tensor) -> Tensor:
-        """The l2-normalised bottleneck, normalised in at least float32 and returned in the MLP's dtype.
-
-        CUDA autocast runs ``F.normalize`` in float32 (PyTorch's AMP op reference), so under the official fp16
-        training a padding object's all-zero row stays 0; CPU autocast keeps ``F.normalize`` in float16, where
-        its ``eps`` (1e-12) underflows and the row becomes 0/0 = NaN (its gradient too, so a GradScaler skips
-        every step). Normalising in float32 here gives the CUDA result on every device; the next layer casts
-        to the autocast dtype anyway.
-        """
-        hidden = self.mlp(x)
-        return F.normalize(at_least_float32(hidden), dim=-1).to(hidden.dtype)
 
     def objects(self, x: Tensor) -> Tensor:
         return self.last_layer_c(self.bottleneck(x))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional._precision import at_least_float32
+
 __all__ = ["MLP", "NormalizedLinear", "DINOHead", "LocalProjector", "parse_widths"]
 
 Norm = Literal["batch", "layer", "none"]
@@ -158,7 +160,16 @@ class DINOHead(nn.Module):
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, norm_last_layer)
 
     def bottleneck(self, x: Tensor) -> Tensor:
-        return F.normalize(self.mlp(x), dim=-1)
+        """The l2-normalised bottleneck, normalised in at least float32 and returned in the MLP's dtype.
+
+        CUDA autocast runs ``F.normalize`` in float32 (PyTorch's AMP op reference), so under the official fp16
+        training an all-zero row (CrIBo's padding objects) stays 0; CPU autocast keeps ``F.normalize`` in
+        float16, where its ``eps`` (1e-12) underflows and the row becomes 0/0 = NaN (its gradient too, so a
+        GradScaler skips every step). Normalising in float32 gives the CUDA result on every device; the next
+        layer casts to the autocast dtype anyway.
+        """
+        hidden = self.mlp(x)
+        return F.normalize(at_least_float32(hidden), dim=-1).to(hidden.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(self.bottleneck(x))

@@ -58,12 +58,7 @@ class PartFailedError(RuntimeError):
         super().__init__(f"{part} failed {where or 'on another process'}")
 
 
-class _Section:
-    def __init__(self, part: str) -> None:
-        self.part = part
-
-
-_active: list[_Section] = []
+_active: list[str] = []  # the optional part running now (one at most: nested uses belong to the outer one)
 _vote_groups: dict[int, Any] = {}
 
 
@@ -109,7 +104,7 @@ def before_collective() -> None:
     if not _active or not _distributed():
         return
     if _vote(False):
-        raise PartFailedError(_active[-1].part, _exchange(None))
+        raise PartFailedError(_active[-1], _exchange(None))
 
 
 def _describe(error: BaseException) -> str:
@@ -126,22 +121,18 @@ def agreed_failure(part: str) -> Iterator[None]:
     if _active:
         yield
         return
-    _active.append(_Section(part))
+    _active.append(part)
     try:
         yield
-    except PartFailedError:
-        raise
-    except dist.DistError:
+    except (PartFailedError, dist.DistError):
         raise
     except Exception as error:
-        _active.pop()
         if not _distributed():
             raise PartFailedError(part, {0: _describe(error)}) from error
         _vote(True)
         raise PartFailedError(part, _exchange(_describe(error))) from error
     finally:
-        if _active:
-            _active.pop()
+        _active.pop()
     if _distributed() and _vote(False):
         raise PartFailedError(part, _exchange(None))
 

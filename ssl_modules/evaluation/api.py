@@ -92,14 +92,36 @@ class EvaluationReport:
         return json_path, table_path
 
 
-def resolve_settings(protocol: str, preset: str | None, backbone: Any, overrides: dict[str, Any] | None = None) -> Any:
-    """The settings dataclass of ``protocol`` under ``preset`` (``None``: the default), with ``overrides``."""
+def _settings_type(protocol: str, preset: str) -> type:
+    """The settings dataclass ``protocol`` runs with under ``preset`` (a known pair)."""
+    if protocol == "knn":
+        return KNNSettings
+    if protocol == "linear":
+        return type(LINEAR_PRESETS[preset])
+    if protocol == "voc-linear":
+        return type(VOC_LINEAR_PRESETS[preset])
+    return HummingbirdSettings
+
+
+def check_settings(protocol: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """The preset ``protocol`` runs (its default for ``None``), after checking the protocol, the preset and the
+    names of ``overrides`` (a ``ValueError`` naming the unknown one); reads no model and no data."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     presets = PRESETS[protocol]
     preset = preset or next(iter(presets))
     if preset not in presets:
         raise ValueError(f"{protocol}: unknown preset {preset!r}; choose from {', '.join(presets)}")
+    names = {field.name for field in dataclasses.fields(_settings_type(protocol, preset))}
+    unknown = sorted(set(overrides or {}) - names)
+    if unknown:
+        raise ValueError(f"{protocol}: unknown setting(s) {unknown}; known: {', '.join(sorted(names))}")
+    return preset
+
+
+def resolve_settings(protocol: str, preset: str | None, backbone: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """The settings dataclass of ``protocol`` under ``preset`` (``None``: the default), with ``overrides``."""
+    preset = check_settings(protocol, preset, overrides)
     if protocol == "knn":
         settings: Any = KNNSettings()
     elif protocol == "linear":
@@ -108,28 +130,25 @@ def resolve_settings(protocol: str, preset: str | None, backbone: Any, overrides
         settings = VOC_LINEAR_PRESETS[preset]
     else:
         settings = HummingbirdSettings(std="open-hb" if preset == "open-hb-exact" else "imagenet")
-    return _override(settings, overrides or {}, protocol)
+    return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
-def _override(settings: Any, overrides: dict[str, Any], protocol: str) -> Any:
-    if not overrides:
-        return settings
-    names = {f.name: f for f in dataclasses.fields(settings)}
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"{protocol}: unknown setting(s) {unknown}; known: {', '.join(sorted(names))}")
-    return dataclasses.replace(settings, **overrides)
+def check_roots_given(protocols: Sequence[str], imagenet: str | None, voc: str | None) -> None:
+    """A ``ValueError`` naming the option when a protocol's data root is not given (nothing is read)."""
+    for protocol in protocols:
+        kind = DATA_KIND[protocol]
+        if (imagenet if kind == "imagenet" else voc) is None:
+            flag = "--imagenet" if kind == "imagenet" else "--voc"
+            raise ValueError(f"{protocol} needs {'an ImageNet-layout' if kind == 'imagenet' else 'a Pascal VOC'} "
+                             f"root: pass {flag} <folder> (imagenet=/voc= in Python)")
 
 
 def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
     """Every data set the protocols will read exists in its layout and its first item reads."""
+    check_roots_given(protocols, imagenet, voc)
     for protocol in protocols:
         kind = DATA_KIND[protocol]
         root = imagenet if kind == "imagenet" else voc
-        if root is None:
-            flag = "--imagenet" if kind == "imagenet" else "--voc"
-            raise ValueError(f"{protocol} needs {'an ImageNet-layout' if kind == 'imagenet' else 'a Pascal VOC'} "
-                             f"root: pass {flag} <folder> (imagenet=/voc= in Python)")
         for split in ("train", "val"):
             if kind == "imagenet":
                 check_dataset(imagenet_split(root, split, lambda image, index: image), f"{root}/{split}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import os
 import sys
 from typing import Any, NoReturn
@@ -118,46 +117,19 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _settings_fields(protocol: str, preset: str | None) -> list[str]:
-    """The setting names ``--set <protocol>.<name>=...`` accepts."""
-    from .api import PRESETS
-    from .hummingbird import HummingbirdSettings
-    from .knn import KNNSettings
-    from .linear import LINEAR_PRESETS
-    from .voc_linear import VOC_LINEAR_PRESETS
-
-    preset = preset or next(iter(PRESETS[protocol]))
-    settings = {"knn": KNNSettings, "hummingbird": HummingbirdSettings, "linear": LINEAR_PRESETS.get(preset),
-                "voc-linear": VOC_LINEAR_PRESETS.get(preset)}[protocol]
-    return [field.name for field in dataclasses.fields(settings)] if settings is not None else []
-
-
 def check_command_line(kwargs: dict[str, Any]) -> None:
-    """A :class:`UsageError` for what the command line alone shows wrong: a preset or ``--set`` of an unknown
-    protocol, an unknown preset or setting, a protocol without the data root it reads. Checked before the
-    model is loaded, so that a typo costs nothing and exits 2 (a failure while evaluating exits 1)."""
-    from .api import DATA_KIND, PRESETS, PROTOCOLS
+    """A :class:`UsageError` for what the command line alone shows wrong: an unknown protocol, preset or setting
+    (``api.check_settings``), a protocol without the data root it reads (``api.check_roots_given``). Checked
+    before the model is loaded, so that a typo costs nothing and exits 2 (a failure while evaluating exits 1)."""
+    from .api import check_roots_given, check_settings
 
-    for protocol, preset in kwargs["presets"].items():
-        if protocol not in PROTOCOLS:
-            raise UsageError(f"--preset {protocol}={preset}: unknown protocol {protocol!r}; choose from "
-                             f"{', '.join(PROTOCOLS)}")
-        if preset not in PRESETS[protocol]:
-            raise UsageError(f"--preset {protocol}={preset}: unknown preset; {protocol} has "
-                             f"{', '.join(PRESETS[protocol])}")
-    for protocol, values in kwargs["overrides"].items():
-        if protocol not in PROTOCOLS:
-            raise UsageError(f"--set {protocol}...: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-        known = _settings_fields(protocol, kwargs["presets"].get(protocol))
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise UsageError(f"--set {protocol}.{unknown[0]}: {protocol} has no setting {unknown[0]!r}; known: "
-                             f"{', '.join(sorted(known))}")
-    for protocol in kwargs["protocols"]:
-        kind = DATA_KIND[protocol]
-        if kwargs[kind] is None:
-            layout = "an ImageNet-layout" if kind == "imagenet" else "a Pascal VOC"
-            raise UsageError(f"--protocols {protocol} reads {layout} data set: pass --{kind} <folder>")
+    presets, overrides = kwargs["presets"], kwargs["overrides"]
+    try:
+        for protocol in dict.fromkeys([*presets, *overrides]):
+            check_settings(protocol, presets.get(protocol), overrides.get(protocol))
+        check_roots_given(kwargs["protocols"], kwargs["imagenet"], kwargs["voc"])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def parse(argv: list[str]) -> dict[str, Any]:
