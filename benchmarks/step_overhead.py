@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssl_modules.base import SSLModule  # noqa: E402
-from ssl_modules.mixins.multicrop import resolution_groups  # noqa: E402
-from ssl_modules.performance import compile_backbones, set_grad_checkpointing  # noqa: E402
+from ssl_modules.methods.base import SSLModule  # noqa: E402
+from ssl_modules.methods.multicrop import resolution_groups  # noqa: E402
+from ssl_modules.run.performance import compile_backbones, set_grad_checkpointing  # noqa: E402
 from ssl_modules.testing import random_views  # noqa: E402
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2)
@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Callable[[], tuple[SSLModule, list[int], int]]]] = 
 def register_presets() -> None:
     """Import the methods that exist and record their tiny (CPU) and paper (GPU) settings."""
     try:
-        from ssl_modules.vicregl import VICRegL  # noqa: F401
+        from ssl_modules.methods.vicregl import VICRegL  # noqa: F401
     except ImportError:
         pass
     else:
@@ -50,7 +50,7 @@ def register_presets() -> None:
             "paper": lambda: (VICRegL("resnet50", alpha=0.75), [224, 224], 64),
         }
     try:
-        from ssl_modules.bam import BAM  # noqa: F401
+        from ssl_modules.methods.bam import BAM  # noqa: F401
     except ImportError:
         pass
     else:
@@ -60,7 +60,7 @@ def register_presets() -> None:
             "paper": lambda: (BAM("vit_small_patch16_224"), [224, 224] + [96] * 6, 64),
         }
     try:
-        from ssl_modules.cribo import CrIBo  # noqa: F401
+        from ssl_modules.methods.cribo import CrIBo  # noqa: F401
     except ImportError:
         pass
     else:

@@ -5,7 +5,7 @@ reads the backbone only through ``pl_module.embed(images) -> Features``, takes i
 argument or the trainer's datamodule (the probe-data protocol of ``callbacks.data``), works under DDP with
 every process logging the same value, and keeps its state in the Lightning checkpoint.
 """
-from .contrastive_crop import ContrastiveCrop
+from ssl_modules.methods.contrastive_crop import ContrastiveCrop
 from .diagnostics import VisualDiagnostics
 from .knn import KNNProbe
 from .linear import OnlineLinearProbe

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
 from .data import batch_chunks, fixed_subset, shard_batches, sharded_loader
 from .embedding import dense_maps, embed_images

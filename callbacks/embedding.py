@@ -2,7 +2,7 @@
 
 Probes read the backbone only through ``embed(images) -> Features`` (the teacher where there is one, eval
 mode, no gradient). Each process embeds its shard of whole batches (``callbacks.data``); ``gather_in_index_order``
-(from ``ssl_modules.distributed``, re-exported here) then gives every process all rows in dataset-index order,
+(from ``ssl_modules.run.distributed``, re-exported here) then gives every process all rows in dataset-index order,
 the order of a single-process run.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ssl_modules import distributed
-from ssl_modules.backbones import Features
-from ssl_modules.distributed import gather_in_index_order
+from ssl_modules.run import distributed
+from ssl_modules.networks.backbones import Features
+from ssl_modules.run.distributed import gather_in_index_order
 
 from .data import shard_batches, sharded_loader
 from .progress import probe_progress

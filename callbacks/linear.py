@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
 from .checks import require_at_least, require_choice, require_positive
 from .data import batch_chunks, fixed_subset

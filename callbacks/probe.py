@@ -12,8 +12,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
-from ssl_modules import distributed
-from ssl_modules.optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
+from ssl_modules.run import distributed
+from ssl_modules.run._optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
 
 from .data import check_probe_datasets, prepare_probe_data, resolve_probe_data
 from .embedding import require_embed, trainable_context
@@ -134,7 +134,7 @@ class Probe(Callback):
 
     def guarded(self, what: str, function: Callable[[], Any]) -> Any:
         """``function()`` as an optional part: on the global RNGs without changing them, and with a failure
-        on any process agreed by all (``ssl_modules.optional_parts``): every process then disables the probe
+        on any process agreed by all (``ssl_modules.run._optional_parts``): every process then disables the probe
         together, the failure is reported once (naming the rank and the exception) and kept in ``failures``."""
         if self.disabled:
             return None

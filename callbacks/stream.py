@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
 from .data import batch_chunks, sharded_loader
 

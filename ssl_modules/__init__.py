@@ -9,21 +9,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "SSLModule": "ssl_modules.base",
-    "Backbone": "ssl_modules.backbones",
+    "SSLModule": "ssl_modules.methods.base",
+    "Backbone": "ssl_modules.networks.backbones",
     "Features": "ssl_modules.contracts",
     "Views": "ssl_modules.contracts",
-    "VICRegL": "ssl_modules.vicregl",
-    "BAM": "ssl_modules.bam",
-    "CrIBo": "ssl_modules.cribo",
-    "load_official": "ssl_modules.official",
-    "save_official": "ssl_modules.official",
-    "load_backbone_weights": "ssl_modules.official",
-    "ExactResume": "ssl_modules.resume",
-    "ObjectMemoryBank": "ssl_modules.memory_bank",
-    "PerformanceOptions": "ssl_modules.performance",
-    "NonFiniteGuard": "ssl_modules.guard",
-    "NonFiniteLossError": "ssl_modules.guard",
+    "VICRegL": "ssl_modules.methods.vicregl",
+    "BAM": "ssl_modules.methods.bam",
+    "CrIBo": "ssl_modules.methods.cribo",
+    "load_official": "ssl_modules.checkpoints.official",
+    "save_official": "ssl_modules.checkpoints.official",
+    "load_backbone_weights": "ssl_modules.checkpoints.official",
+    "ExactResume": "ssl_modules.run.resume",
+    "ObjectMemoryBank": "ssl_modules.methods.memory_bank",
+    "PerformanceOptions": "ssl_modules.run.performance",
+    "NonFiniteGuard": "ssl_modules.run.guard",
+    "NonFiniteLossError": "ssl_modules.run.guard",
 }
 
 __all__ = list(_EXPORTS)

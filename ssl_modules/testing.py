@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .contracts import Views
+from ssl_modules.contracts import Views
 
 __all__ = ["random_views"]
 

@@ -21,8 +21,7 @@ import torch  # noqa: E402
 # then differ in the last bits and drift apart over steps.
 torch.set_num_threads(1)
 
-TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
-
+from support.common import TINY_VIT, quiet_trainer_kwargs  # noqa: E402,F401  (tests import them from support)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False,
@@ -47,18 +46,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
-
-
-def quiet_trainer_kwargs(**overrides):
-    """Trainer arguments for fast, silent CPU tests."""
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    kwargs.update(overrides)
-    return kwargs

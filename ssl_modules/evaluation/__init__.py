@@ -17,8 +17,8 @@ _EXPORTS = {
     "evaluate": "api", "PROTOCOLS": "api", "PRESETS": "api", "EvaluationReport": "api", "ProtocolResult": "api",
     "resolve_settings": "api", "EvalDataError": "datasets", "HummingbirdSettings": "hummingbird",
     "KNNSettings": "knn", "knn_classify": "knn", "LinearSettings": "linear", "hungarian_assignment": "metrics",
-    "hungarian_miou": "metrics", "ModelSourceError": "models", "load_backbone": "models",
-    "VOCLinearSettings": "voc_linear",
+    "hungarian_miou": "metrics", "VOCLinearSettings": "voc_linear",
+    "ModelSourceError": "ssl_modules.checkpoints.sources", "load_backbone": "ssl_modules.checkpoints.sources",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -27,4 +27,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ssl_modules.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)

@@ -12,15 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
-from .datasets import check_dataset, imagenet_split, voc_split
-from .features import Extractor, FeatureCache
-from .hummingbird import HummingbirdSettings, run_hummingbird
-from .knn import KNNSettings, run_knn
-from .linear import LINEAR_PRESETS, linear_preset, run_linear
-from .models import describe_source, load_backbone
-from .voc_linear import VOC_LINEAR_PRESETS, run_voc_linear
+from ssl_modules.evaluation.datasets import check_dataset, imagenet_split, voc_split
+from ssl_modules.evaluation.features import Extractor, FeatureCache
+from ssl_modules.evaluation.hummingbird import HummingbirdSettings, run_hummingbird
+from ssl_modules.evaluation.knn import KNNSettings, run_knn
+from ssl_modules.evaluation.linear import LINEAR_PRESETS, linear_preset, run_linear
+from ssl_modules.checkpoints.sources import describe_source, load_backbone
+from ssl_modules.evaluation.voc_linear import VOC_LINEAR_PRESETS, run_voc_linear
 
 __all__ = ["PROTOCOLS", "PRESETS", "ProtocolResult", "EvaluationReport", "evaluate", "resolve_settings"]
 
@@ -203,7 +203,7 @@ def evaluate(
         show_progress: progress bars on process 0.
         timm_kwargs: ``timm.create_model`` arguments for a timm name.
         trust_checkpoint: read a model file with full unpickling (the trust rule of
-            ``ssl_modules.checkpoint_io``: it can run code from the file, so only for files you trust).
+            ``ssl_modules.checkpoints.reading``: it can run code from the file, so only for files you trust).
     """
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]

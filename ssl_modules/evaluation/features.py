@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_modules import distributed
-from ssl_modules.backbones import Backbone, Features
-from ssl_modules.distributed import gather_in_index_order
+from ssl_modules.run import distributed
+from ssl_modules.networks.backbones import Backbone, Features
+from ssl_modules.run.distributed import gather_in_index_order
 
 __all__ = ["Extractor", "FeatureCache", "batches_of", "global_vector", "dense_map", "progress"]
 

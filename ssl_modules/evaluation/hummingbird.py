@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_modules.distributed import gather_in_index_order
+from ssl_modules.run.distributed import gather_in_index_order
 
-from .datasets import EvalDataError, voc_split
-from .features import Extractor, dense_map, progress
-from .metrics import confusion_matrix, hungarian_miou, miou_all_classes, sum_over_processes
-from .search import FlatIndex
-from .transforms import IMAGENET_STD, OPEN_HB_STD, hummingbird_memory_augment, normalise, sample_generator, squash
+from ssl_modules.evaluation.datasets import EvalDataError, voc_split
+from ssl_modules.evaluation.features import Extractor, dense_map, progress
+from ssl_modules.evaluation.metrics import confusion_matrix, hungarian_miou, miou_all_classes, sum_over_processes
+from ssl_modules.evaluation.search import FlatIndex
+from ssl_modules.evaluation.transforms import (
+    IMAGENET_STD, OPEN_HB_STD, hummingbird_memory_augment, normalise, sample_generator, squash,
+)
 
 __all__ = ["HummingbirdSettings", "patch_labels", "rare_class_patch_scores", "sample_memory_patches",
            "retrieve_labels", "run_hummingbird"]

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
-from .datasets import imagenet_split
-from .features import Extractor, global_vector
-from .transforms import normalise, resize_centre_crop
+from ssl_modules.evaluation.datasets import imagenet_split
+from ssl_modules.evaluation.features import Extractor, global_vector
+from ssl_modules.evaluation.transforms import normalise, resize_centre_crop
 
 __all__ = ["KNNSettings", "knn_classify", "run_knn"]
 

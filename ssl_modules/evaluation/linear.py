@@ -23,13 +23,13 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from ssl_modules import distributed
-from ssl_modules.backbones import Backbone
+from ssl_modules.run import distributed
+from ssl_modules.networks.backbones import Backbone
 
-from .datasets import imagenet_split
-from .features import Extractor, progress
-from .knn import classification_floors
-from .training import (
+from ssl_modules.evaluation.datasets import imagenet_split
+from ssl_modules.evaluation.features import Extractor, progress
+from ssl_modules.evaluation.knn import classification_floors
+from ssl_modules.evaluation.training import (
     HeadRecipe,
     broadcast_parameters_,
     build_optimizer,
@@ -40,7 +40,7 @@ from .training import (
     set_lr_,
     train_step,
 )
-from .transforms import normalise, random_resized_box, resize_centre_crop, sample_generator
+from ssl_modules.evaluation.transforms import normalise, random_resized_box, resize_centre_crop, sample_generator
 
 __all__ = ["LinearSettings", "LINEAR_PRESETS", "linear_preset", "linear_features", "run_linear"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
 __all__ = ["confusion_matrix", "sum_over_processes", "iou_per_class", "miou_all_classes", "miou_present_classes",
            "hungarian_assignment", "hungarian_miou", "all_background_miou"]

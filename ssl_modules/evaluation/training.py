@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
 __all__ = ["HeadRecipe", "build_optimizer", "lr_factor", "global_batches", "local_slice", "sum_gradients_",
            "broadcast_parameters_"]

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from ssl_modules import distributed
+from ssl_modules.run import distributed
 
-from .datasets import SegmentationFiles, voc_split
-from .features import Extractor, dense_map, progress
-from .hummingbird import segmentation_floors
-from .metrics import confusion_matrix, miou_all_classes, miou_present_classes, sum_over_processes
-from .training import (
+from ssl_modules.evaluation.datasets import SegmentationFiles, voc_split
+from ssl_modules.evaluation.features import Extractor, dense_map, progress
+from ssl_modules.evaluation.hummingbird import segmentation_floors
+from ssl_modules.evaluation.metrics import confusion_matrix, miou_all_classes, miou_present_classes, sum_over_processes
+from ssl_modules.evaluation.training import (
     HeadRecipe,
     broadcast_parameters_,
     build_optimizer,
@@ -43,7 +43,7 @@ from .training import (
     set_lr_,
     train_step,
 )
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, keep_ratio_resize, sample_generator
+from ssl_modules.evaluation.transforms import IMAGENET_MEAN, IMAGENET_STD, keep_ratio_resize, sample_generator
 
 __all__ = ["VOCLinearSettings", "VOC_LINEAR_PRESETS", "SegmentationHead", "sliding_window_logits", "run_voc_linear"]
 

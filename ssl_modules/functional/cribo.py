@@ -385,7 +385,7 @@ def cycle_mask(jumped_keys: Tensor, queries: Tensor, query_valid: Tensor | None 
     the bank object retrieved for query ``(v, m)``; ``queries``: the l2-normalised queries ``(2, M, D)``.
     ``mask[v, m]`` is True iff the back search of ``jumped_keys[v, m]`` among the valid queries of view
     ``1 - v`` in the same group lands on row ``m``. Shared by the functional reference and the in-place
-    :class:`~ssl_modules.memory_bank.ObjectMemoryBank`.
+    :class:`~ssl_modules.methods.memory_bank.ObjectMemoryBank`.
     """
     _check_cycle_inputs(jumped_keys, queries, query_valid, query_groups)
     num_queries = queries.shape[1]

@@ -6,19 +6,19 @@ import sys
 import pytest
 import yaml
 from lightning.pytorch import Callback, LightningDataModule
-from probe_testkit import ColourData
+from support.probe_testkit import ColourData
 
 from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VisualDiagnostics, VOCSegmentationProbe
-from conftest import TINY_VIT
-from ssl_modules.base import SSLModule
-from ssl_modules.cli import SSLCLI
+from support.common import TINY_VIT
+from ssl_modules.methods.base import SSLModule
+from ssl_modules.cli.app import SSLCLI
 
 CALLBACKS = [
     {"class_path": "callbacks.OnlineLinearProbe",
      "init_args": {"train_on": "loader", "lr": 0.05, "optimizer": "adamw"}},
     {"class_path": "callbacks.KNNProbe",
      "init_args": {"k": 10, "train_fraction": 0.5,
-                   "data": {"class_path": "probe_testkit.ColourData", "init_args": {"num_train": 32}}}},
+                   "data": {"class_path": "support.probe_testkit.ColourData", "init_args": {"num_train": 32}}}},
     {"class_path": "callbacks.VOCSegmentationProbe", "init_args": {"steps": 7, "every_n_epochs": 2}},
     {"class_path": "callbacks.DenseRetrievalProbe", "init_args": {"k": 5, "patches_per_image": 3}},
     {"class_path": "callbacks.VisualDiagnostics", "init_args": {"every_n_steps": 10}},
@@ -29,9 +29,9 @@ CALLBACKS = [
 def test_lightning_cli_builds_every_probe_from_yaml(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ssl_modules"])
     config = {
-        "model": {"class_path": "ssl_modules.base.SSLModule",
+        "model": {"class_path": "ssl_modules.methods.base.SSLModule",
                   "init_args": {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": dict(TINY_VIT)}},
-        "data": {"class_path": "probe_testkit.ColourData"},
+        "data": {"class_path": "support.probe_testkit.ColourData"},
         "trainer": {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "callbacks": CALLBACKS},
     }
     path = tmp_path / "config.yaml"

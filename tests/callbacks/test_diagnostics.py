@@ -6,7 +6,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
-from probe_testkit import ColourData, ColourFeatures, trainer_kwargs
+from support.probe_testkit import ColourData, ColourFeatures, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks import VisualDiagnostics, VOCSegmentationProbe

@@ -2,10 +2,12 @@
 import subprocess
 import sys
 
-ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.distributed", "ssl_modules.backbones",
-           "ssl_modules.visualize", "ssl_modules.evaluation", "ssl_modules.evaluation.search",
-           "ssl_modules.contrastive_crop",  # the pure attention/box functions of callbacks.ContrastiveCrop
-           "ssl_modules.optional_parts",  # agreed failures and isolated randomness of optional parts (torch only)
+ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.run.distributed", "ssl_modules.networks.backbones",
+           "ssl_modules._drawing", "ssl_modules.evaluation", "ssl_modules.evaluation.search",
+           # ContrastiveCrop lives with BAM's mechanics; callbacks re-exports it
+           "ssl_modules.methods", "ssl_modules.methods.contrastive_crop", "ssl_modules.methods.contrastive_crop.boxes",
+           "ssl_modules.methods.contrastive_crop.callback", "ssl_modules.networks", "ssl_modules.run",
+           "ssl_modules.run._optional_parts",  # agreed failures and isolated randomness of optional parts (torch only)
            # pure torch math: ContrastiveCrop's attention runs in float32 through the functional core's helper
            "ssl_modules.functional", "ssl_modules.functional._checks", "ssl_modules.functional._precision",
            "ssl_modules.functional.bam", "ssl_modules.functional.cribo", "ssl_modules.functional.vicregl",

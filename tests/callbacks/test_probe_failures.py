@@ -2,8 +2,6 @@
 checkpoint; floors, progress bars and inherited loader workers."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,10 +9,9 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
 
-from evaldata import VOC_PALETTE, voc_tree  # noqa: E402
-from probe_testkit import ColourData, ColourFeatures, trainer_kwargs  # noqa: E402
+from support.evaldata import VOC_PALETTE, voc_tree  # noqa: E402
+from support.probe_testkit import ColourData, ColourFeatures, trainer_kwargs  # noqa: E402
 
 from callbacks import KNNProbe, OnlineLinearProbe, VOCSegmentationProbe  # noqa: E402
 from callbacks.data import ProbeDataError  # noqa: E402

@@ -5,12 +5,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from probe_testkit import ColourData, ColourFeatures, PlainData, trainer_kwargs
+from support.probe_testkit import ColourData, ColourFeatures, PlainData, trainer_kwargs
 
 from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VOCSegmentationProbe
 from callbacks.data import ProbeDataError
-from conftest import TINY_VIT
-from ssl_modules.base import SSLModule
+from support.common import TINY_VIT
+from ssl_modules.methods.base import SSLModule
 
 FAST = dict(num_workers=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from probe_testkit import ColourData, ColourFeatures, SaveProbeResults, trainer_kwargs
+from support.probe_testkit import ColourData, ColourFeatures, SaveProbeResults, trainer_kwargs
 
 from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VOCSegmentationProbe
 

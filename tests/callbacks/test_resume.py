@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from probe_testkit import ColourData, ColourFeatures, trainer_kwargs
+from support.probe_testkit import ColourData, ColourFeatures, trainer_kwargs
 
 from callbacks import OnlineLinearProbe, VOCSegmentationProbe
 

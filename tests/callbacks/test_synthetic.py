@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-from probe_testkit import ColourFeatures, trainer_kwargs
+from support.probe_testkit import ColourFeatures, trainer_kwargs
 
 from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VOCSegmentationProbe
 

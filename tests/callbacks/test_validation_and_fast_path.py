@@ -2,22 +2,19 @@
 probe trains on the embedding the training step returns, with no backbone forward of its own."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
 
-from conftest import TINY_VIT  # noqa: E402
-from evaldata import imagenet_tree  # noqa: E402
-from probe_testkit import trainer_kwargs  # noqa: E402
+from support.common import TINY_VIT  # noqa: E402
+from support.evaldata import imagenet_tree  # noqa: E402
+from support.probe_testkit import trainer_kwargs  # noqa: E402
 
 from callbacks import KNNProbe, OnlineLinearProbe  # noqa: E402
 from datamodules import ImageNetDataModule, MultiCropViews  # noqa: E402
-from ssl_modules.base import SSLModule  # noqa: E402
+from ssl_modules.methods.base import SSLModule  # noqa: E402
 
 
 class EmbeddingSSL(SSLModule):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
-from dm_testdata import smooth_rgb
+from support.dm_testdata import smooth_rgb
 from PIL import Image
-from test_views import NO_COLOUR, image_tensor, reference_crop
+from support.dm_testdata import NO_COLOUR, image_tensor, reference_crop
 from torch.utils.data import DataLoader
 
 from datamodules import ImageFolderDataModule, MultiCropImages, MultiCropViews, ResizeTransform, collate_views

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from dm_testdata import (NUM_CLASSES, NUM_TRAIN, NUM_VAL, copy_voc, random_rgb, shared_scenes, tiny_views,
+from support.dm_testdata import (NUM_CLASSES, NUM_TRAIN, NUM_VAL, copy_voc, random_rgb, shared_scenes, tiny_views,
                          write_image)
 from PIL import Image
 
@@ -19,7 +19,7 @@ from datamodules import (COCODataModule, ImageFolderDataModule, ImageNetDataModu
                          SceneConfig, SyntheticScenesDataModule, UnknownMaskValueError, Views,
                          VOCSegmentationDataModule, read_mask)
 from datamodules.reading import list_images
-from ssl_modules.base import SSLModule
+from ssl_modules.methods.base import SSLModule
 
 LOADER = dict(batch_size=8, num_workers=2, views=tiny_views(), eval_size=32)
 

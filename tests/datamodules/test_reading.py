@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from dm_testdata import random_rgb, tiny_views, write_image
+from support.dm_testdata import random_rgb, tiny_views, write_image
 from PIL import Image
 
 from datamodules import CorruptImageWarning, ImageFolderDataModule, read_image, read_mask

@@ -5,31 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
-from dm_testdata import smooth_rgb
+from support.dm_testdata import NO_COLOUR, image_tensor, reference_crop, smooth_rgb
 
 from datamodules import MultiCropViews, Views, ViewSample, collate_views
 from datamodules import colour
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, SegmentationEvalTransform
-
-NO_COLOUR = dict(jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0,), local_blur_p=(0.0,),
-                 global_solarize_p=(0.0,), local_solarize_p=(0.0,))
-
-
-def image_tensor(height: int = 60, width: int = 80, seed: int = 0) -> torch.Tensor:
-    return torch.from_numpy(smooth_rgb(height, width, seed)).permute(2, 0, 1).contiguous()
-
-
-def reference_crop(image: torch.Tensor, box: torch.Tensor, size: int, flipped: bool) -> torch.Tensor:
-    """Cut the box out by slicing, resize with torch's own bicubic (antialiased), flip if flagged."""
-    height, width = image.shape[-2:]
-    top, left, bottom, right = (round(v) for v in (box * torch.tensor([height, width, height, width])).tolist())
-    region = image[:, top:bottom, left:right].float()[None]
-    resized = nnf.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-    resized = resized.round().clamp(0, 255)
-    return resized.flip(-1) if flipped else resized
-
 
 def test_boxes_and_flips_match_the_pixels():
     image = image_tensor()
