@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.knn import weighted_knn_scores  # noqa: E402
-from callbacks.search import FlatIndex  # noqa: E402
+from ssl_modules.evaluation.knn import weighted_knn_scores  # noqa: E402
+from ssl_modules.evaluation.search import FlatIndex  # noqa: E402
 
 
 def clustered_features(centres: torch.Tensor, count: int,

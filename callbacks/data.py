@@ -1,4 +1,4 @@
-"""Where a probe's images come from: the probe-data protocol, fixed subsets, and per-process shards.
+"""Where a probe's images come from: the probe-data protocol.
 
 Probe-data protocol (implemented by the library's DataModules, see ``datamodules/base.py``):
 
@@ -7,30 +7,18 @@ Probe-data protocol (implemented by the library's DataModules, see ``datamodules
 - segmentation-capable: ``num_seg_classes: int`` and ``segmentation_dataset(split, size=None) -> Dataset``
   of ``(float normalised image (3, S, S), LongTensor mask (S, S))``, 255 = ignore.
 
-Evaluation sets are split between processes by whole batches: the subset is cut into batches of
-``batch_size`` in order and process ``r`` of ``W`` embeds batches ``r, r + W, r + 2W, ...``. Every batch then
-holds the same images as in a single-process run, so the features are the same bits, and gathering them and
-sorting by dataset index reproduces the single-process order exactly.
+An unreadable image of these data sets fails naming the file (the evaluation rule of
+``datamodules.datasets``). Fixed subsets and their split between processes: ``ssl_modules.evaluation.batches``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-__all__ = [
-    "ProbeDataError",
-    "resolve_probe_data",
-    "prepare_probe_data",
-    "fixed_subset",
-    "batch_chunks",
-    "shard_batches",
-    "sharded_loader",
-    "check_probe_datasets",
-]
+from ssl_modules.evaluation.checks import check_dataset
+
+__all__ = ["ProbeDataError", "resolve_probe_data", "prepare_probe_data", "check_probe_datasets"]
 
 _REQUIREMENTS = {
     "classification": ("num_classes", "eval_dataset"),
@@ -83,70 +71,16 @@ def prepare_probe_data(data: Any, trainer: pl.Trainer, stage: str) -> None:
         data.setup(stage)
 
 
-def fixed_subset(size: int, fraction: float = 1.0, max_items: int | None = None, seed: int = 0) -> list[int]:
-    """Sorted indices of a seeded random subset of ``range(size)``: ``fraction`` of it, at most ``max_items``.
-
-    The same arguments give the same subset in every process and every run.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction={fraction} must lie in (0, 1]")
-    count = max(1, round(size * fraction)) if size else 0
-    if max_items is not None:
-        count = min(count, max_items)
-    if count >= size:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-def batch_chunks(indices: Sequence[int], batch_size: int) -> list[list[int]]:
-    """``indices`` cut in order into batches of ``batch_size`` (the last one may be smaller)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    return [list(indices[start : start + batch_size]) for start in range(0, len(indices), batch_size)]
-
-
-def shard_batches(chunks: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """The batches process ``rank`` handles: ``chunks[rank::world_size]``."""
-    return list(chunks[rank::world_size])
-
-
-def sharded_loader(dataset: Dataset, batches: Sequence[list[int]], num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """A loader yielding exactly ``batches`` (lists of dataset indices), in order.
-
-    It has its own seeded generator: a DataLoader without one draws its workers' base seed from the global
-    random generator, which would make the method's training depend on whether probes are attached.
-    """
-    return DataLoader(dataset, batch_sampler=list(batches), num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
-
-
 def check_probe_datasets(probe: str, data: Any, kind: Literal["classification", "segmentation"],
                          image_size: int | None = None) -> None:
-    """Fail before training when a probe's data cannot be read: both splits exist and are not empty, their
-    first item reads, and (segmentation) every mask has its image's size (read from the file headers)."""
+    """Fail before training when a probe's data cannot be read: both splits pass
+    ``ssl_modules.evaluation.checks.check_dataset`` (not empty, the first item reads, every mask has its
+    image's size)."""
     for split in ("train", "val"):
         try:
             dataset = (data.eval_dataset(split) if kind == "classification"
                        else data.segmentation_dataset(split, image_size))
-            if len(dataset) == 0:
-                raise ValueError(f"the {split} split is empty")
-            dataset[0]
-            if kind == "segmentation":
-                _check_mask_sizes(dataset)
+            check_dataset(dataset, f"the {split} split")
         except Exception as error:
             raise ProbeDataError(f"{probe}: its {kind} data ({type(data).__name__}) cannot be read for the "
                                  f"{split} split: {error}") from error
-
-
-def _check_mask_sizes(dataset: Any) -> None:
-    images, masks = getattr(dataset, "files", None), getattr(dataset, "masks", None)
-    if images is None or masks is None:
-        return
-    from PIL import Image
-
-    for image, mask in zip(images, masks):
-        with Image.open(image) as a, Image.open(mask) as b:
-            if a.size != b.size:
-                raise ValueError(f"{mask} is {b.size[1]}x{b.size[0]} but its image {image} is "
-                                 f"{a.size[1]}x{a.size[0]}; every mask must have its image's size")

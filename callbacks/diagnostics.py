@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ssl_modules.run._optional_parts import isolated_rng
-from ssl_modules._drawing import segmentation_comparison, tile
+from ssl_modules.run.optional_parts import isolated_rng
+from ssl_modules.drawing import segmentation_comparison, tile
 
 __all__ = ["VisualDiagnostics", "tensorboard_writer", "log_segmentation_examples"]
 

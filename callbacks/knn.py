@@ -5,32 +5,21 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import require_at_least, require_choice, require_fraction, require_positive
-from .data import batch_chunks, fixed_subset
-from .embedding import embed_shard, gather_in_index_order, global_features
-from .metrics import compute_all, top_k_accuracies, update_all
+from ssl_modules.evaluation.batches import fixed_subset
+from ssl_modules.evaluation.checks import require_at_least, require_choice, require_fraction, require_positive
+from ssl_modules.evaluation.features import global_vector
+from ssl_modules.evaluation.knn import weighted_knn_scores
+from ssl_modules.evaluation.metrics import compute_all, top_k_accuracies, update_all
+from ssl_modules.evaluation.search import SearchBackend, nearest_neighbours
+from ssl_modules.run.distributed import gather_in_index_order
+
+from .paper import PaperProtocolMixin
 from .probe import Probe
-from .search import SearchBackend, nearest_neighbours
 
-__all__ = ["KNNProbe", "weighted_knn_scores"]
-
-
-def weighted_knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int,
-                        temperature: float) -> Tensor:
-    """Class scores ``(Q, num_classes)``: every neighbour votes for its class with weight ``exp(sim / T)``.
-
-    Args:
-        similarities: ``(Q, k)`` cosine similarities of each query's neighbours.
-        neighbour_labels: ``(Q, k)`` their class indices.
-        num_classes: number of classes.
-        temperature: ``T`` of the vote weights (0.07 in DINO).
-    """
-    weights = (similarities.float() / temperature).exp()
-    scores = weights.new_zeros(similarities.shape[0], num_classes)
-    return scores.scatter_add_(1, neighbour_labels.long(), weights)
+__all__ = ["KNNProbe"]
 
 
-class KNNProbe(Probe):
+class KNNProbe(PaperProtocolMixin, Probe):
     """Weighted k-NN classification of the validation images against a bank of labelled training images.
 
     Every ``every_n_epochs`` epochs (and after the last one, and on ``trainer.validate``) the probe embeds a
@@ -100,8 +89,7 @@ class KNNProbe(Probe):
         subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the validation set is empty")
-        queries, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
-                                         global_features, self.num_workers, f"{self.name}: val features")
+        queries, labels, _ = self.extract(trainer, pl_module, val_set, subset, global_vector, "val features")
         similarities, neighbours = nearest_neighbours(F.normalize(queries, dim=1), bank, self.k, self.backend)
         scores = weighted_knn_scores(similarities, bank_labels.to(neighbours.device)[neighbours], data.num_classes,
                                      self.temperature)
@@ -118,7 +106,6 @@ class KNNProbe(Probe):
         subset = fixed_subset(len(train_set), self.train_fraction, self.max_train_images, self.seed)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the training set is empty; there is no bank to search")
-        features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                              global_features, self.num_workers, f"{self.name}: bank features")
+        features, labels, index = self.extract(trainer, pl_module, train_set, subset, global_vector, "bank features")
         _, features, labels = gather_in_index_order(index, features, labels)
         return F.normalize(features, dim=1), labels.long()

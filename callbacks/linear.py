@@ -8,23 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_modules.evaluation.batches import LabelledStream, fixed_subset
+from ssl_modules.evaluation.checks import require_at_least, require_choice, require_positive
+from ssl_modules.evaluation.features import global_vector
+from ssl_modules.evaluation.metrics import compute_all, top_k_accuracies, update_all
+from ssl_modules.evaluation.training import broadcast_module_, head_optimizer, seeded_head
 from ssl_modules.run import distributed
+from ssl_modules.run.distributed import gather_in_index_order
 
-from .checks import require_at_least, require_choice, require_positive
-from .data import batch_chunks, fixed_subset
-from .embedding import (
-    broadcast_module_,
-    embed_images,
-    embed_shard,
-    gather_in_index_order,
-    global_features,
-    trainable_context,
-)
-from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
-from .metrics import compute_all, top_k_accuracies, update_all
-from .probe import Probe
-from .progress import probe_progress
-from .stream import LabelledStream
+from .paper import PaperProtocolMixin
+from .probe import PROBE_OPTIMIZERS, Probe, embed_images, probe_progress, trainable_context
 
 __all__ = ["OnlineLinearProbe", "LinearClassifier", "labelled_images", "step_embedding"]
 
@@ -69,7 +62,7 @@ def step_embedding(outputs: Any, batch_size: int) -> Tensor | None:
     return None
 
 
-class OnlineLinearProbe(Probe):
+class OnlineLinearProbe(PaperProtocolMixin, Probe):
     """A linear classifier on the detached global features of ``pl_module.embed``, with its own optimizer.
 
     Training, after every training batch (``on_train_batch_end``), one step of its own optimizer on:
@@ -160,7 +153,7 @@ class OnlineLinearProbe(Probe):
         classes = self.probe_data.num_classes
         head = seeded_head(lambda generator: LinearClassifier(in_features, classes, self.normalize, generator),
                            self.seed, device)
-        optimizer = probe_optimizer(head, self.optimizer_name, self.lr, self.weight_decay, self.momentum)
+        optimizer = head_optimizer(head, self.optimizer_name, self.lr, self.weight_decay, self.momentum)
         if self._pending is not None:
             head.load_state_dict(self._pending["head"])
             optimizer.load_state_dict(self._pending["optimizer"])
@@ -243,7 +236,7 @@ class OnlineLinearProbe(Probe):
                    index: Tensor | None) -> Tensor | None:
         """One update on the global batch (every process's images); ``None`` if it holds < 2 labelled rows."""
         device = pl_module.device
-        features = global_features(embed_images(trainer, pl_module, images))
+        features = global_vector(embed_images(trainer, pl_module, images))
         labels = labels.to(device).long()
         if index is None:  # no dataset index: keep the processes' (rank) order
             index = torch.zeros(labels.shape[0], dtype=torch.long, device=device)
@@ -276,8 +269,7 @@ class OnlineLinearProbe(Probe):
         subset = fixed_subset(len(train_set), 1.0, steps * self.batch_size, self.seed)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the training set is empty; there is nothing to train the head on")
-        features, labels, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                              global_features, self.num_workers, f"{self.name}: train features")
+        features, labels, index = self.extract(trainer, pl_module, train_set, subset, global_vector, "train features")
         _, features, labels = gather_in_index_order(index, features, labels)
         labels = labels.long()
         generator = torch.Generator().manual_seed(self.seed)
@@ -298,8 +290,7 @@ class OnlineLinearProbe(Probe):
         subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the validation set is empty")
-        features, labels, _ = embed_shard(trainer, pl_module, val_set, batch_chunks(subset, self.batch_size),
-                                          global_features, self.num_workers, f"{self.name}: val features")
+        features, labels, _ = self.extract(trainer, pl_module, val_set, subset, global_vector, "val features")
         head = self.head if self.head is not None else self.build_head(features.shape[1], pl_module.device)
         broadcast_module_(head)
         head.eval()

@@ -1,4 +1,5 @@
-"""``PaperProtocolProbe``: run one of ``evaluate``'s paper protocols as a callback (e.g. after the last epoch)."""
+"""``PaperProtocolProbe``: run one of ``evaluate``'s paper protocols as a callback (e.g. after the last epoch),
+and ``PaperProtocolMixin``, which gives each online probe the ``paper_protocol(...)`` of the protocol it monitors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .checks import require_choice
+from ssl_modules.evaluation.checks import require_choice
+
 from .probe import Probe
 
-__all__ = ["PaperProtocolProbe"]
+__all__ = ["PaperProtocolProbe", "PaperProtocolMixin"]
 
-_PROTOCOLS = ("knn", "linear", "voc-linear", "hummingbird")
-_DATA_KIND = {"knn": "classification", "linear": "classification", "voc-linear": "segmentation",
-              "hummingbird": "segmentation"}
+# the kind of probe data each data root of ``evaluate`` is
+_PROBE_DATA_KIND = {"imagenet": "classification", "voc": "segmentation"}
 
 
 class PaperProtocolProbe(Probe):
@@ -44,9 +45,11 @@ class PaperProtocolProbe(Probe):
                  overrides: dict[str, Any] | None = None, precision: str = "32", batch_size: int = 64,
                  num_workers: int | None = None, every_n_epochs: int = 0, data: pl.LightningDataModule | None = None,
                  name: str | None = None) -> None:
-        require_choice("protocol", protocol, _PROTOCOLS)
+        from ssl_modules.evaluation.api import DATA_KIND, PROTOCOLS
+
+        require_choice("protocol", protocol, PROTOCOLS)
         super().__init__(name or protocol.replace("-", "_"), every_n_epochs, data, 0)
-        self.data_kind = _DATA_KIND[protocol]
+        self.data_kind = _PROBE_DATA_KIND[DATA_KIND[protocol]]
         self.protocol, self.preset, self.root = protocol, preset, root
         self.overrides, self.precision = dict(overrides or {}), precision
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -61,10 +64,10 @@ class PaperProtocolProbe(Probe):
                              "DataModule with a `root` (ImageNetDataModule, VOCSegmentationDataModule)")
         self._resolved = data
         self.inherit_num_workers(data)
-        from ssl_modules.evaluation.api import _check_data, resolve_settings
+        from ssl_modules.evaluation.api import check_data, resolve_settings
 
         root = str(self.data_root)
-        _check_data([self.protocol], root, root)
+        check_data([self.protocol], root, root)
         resolve_settings(self.protocol, self.preset, getattr(pl_module, "embedding_backbone", None), self.overrides)
 
     @property
@@ -100,3 +103,16 @@ class PaperProtocolProbe(Probe):
 
     def floors(self) -> dict[str, float]:
         return self._floors
+
+
+class PaperProtocolMixin:
+    """For an online probe: ``paper_protocol(...)`` builds the ``PaperProtocolProbe`` of the ``evaluate``
+    protocol the probe monitors cheaply (``paper_protocol_name``)."""
+
+    paper_protocol_name: str
+
+    @classmethod
+    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> PaperProtocolProbe:
+        """The paper-protocol version of this probe: a ``PaperProtocolProbe`` running ``evaluate``'s
+        protocol (``docs/evaluation.md``) with ``preset``; ``kwargs`` go to ``PaperProtocolProbe``."""
+        return PaperProtocolProbe(cls.paper_protocol_name, preset, **kwargs)

@@ -1,29 +1,72 @@
-"""``Probe``: what every online probe shares — when it runs, where its data comes from, how it logs."""
+"""``Probe``: what every online probe shares — when it runs, where its data comes from, how it logs, and how
+it reads the backbone (``pl_module.embed`` under the trainer's precision) into the evaluation core
+(``ssl_modules.evaluation``: extraction, search, votes, retrieval, metrics, head training)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
+from torch.utils.data import Dataset
 
+from ssl_modules.contracts import Features
+from ssl_modules.evaluation.batches import batch_chunks, fixed_subset, shard_batches, sharded_loader
+from ssl_modules.evaluation.features import FeatureSelector, dense_map, extract_shard, progress
+from ssl_modules.evaluation.metrics import compute_all, mean_iou, update_all
 from ssl_modules.run import distributed
-from ssl_modules.run._optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
+from ssl_modules.run.optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
 
 from .data import check_probe_datasets, prepare_probe_data, resolve_probe_data
-from .embedding import require_embed, trainable_context
 
-__all__ = ["Probe"]
+__all__ = ["Probe", "DenseProbe", "PROBE_OPTIMIZERS", "DensePredictor", "embed_images", "probe_progress",
+           "trainable_context"]
+
+#: the head optimizers a probe offers (of ``ssl_modules.evaluation.training.HEAD_OPTIMIZERS``)
+PROBE_OPTIMIZERS = ("sgd", "adamw")
+#: feature maps (B, C, h, w), mask size (H, W) -> predicted labels (B, H, W)
+DensePredictor = Callable[[Tensor, tuple[int, int]], Tensor]
 
 log = logging.getLogger("callbacks.probes")
 
 # Probe values are equal on every process and logged without sync_dist on purpose (``Probe.log_value``).
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('probe/", category=PossibleUserWarning)
+
+
+def require_embed(probe: str, pl_module: pl.LightningModule) -> None:
+    """A clear error when the module has no ``embed(images) -> Features`` (every ``SSLModule`` has one)."""
+    if not callable(getattr(pl_module, "embed", None)):
+        raise TypeError(f"{probe} reads features through `pl_module.embed(images) -> Features`; "
+                        f"{type(pl_module).__name__} has no `embed` method (subclass ssl_modules.SSLModule, "
+                        "or define `embed` returning ssl_modules.Features)")
+
+
+def embed_images(trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor) -> Features:
+    """``pl_module.embed`` of ``images`` on the module's device, under the trainer's precision (autocast)."""
+    with trainer.precision_plugin.forward_context():
+        return pl_module.embed(images.to(pl_module.device, non_blocking=True))
+
+
+@contextlib.contextmanager
+def trainable_context() -> Iterator[None]:
+    """Gradients on and inference mode off, whatever the caller's loop set (``trainer.validate`` runs its
+    hooks under ``torch.inference_mode``; a probe that trains a head needs autograd there)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def probe_progress(trainer: pl.Trainer | None, iterable: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
+    """``iterable`` in a transient bar below the trainer's (rank 0, only when the trainer shows its bar)."""
+    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+    shown = bar is not None and not getattr(bar, "is_disabled", False)
+    return progress(iterable, total, desc, shown, 2 * getattr(bar, "process_position", 0) + 1)
 
 
 class Probe(Callback):
@@ -60,8 +103,8 @@ class Probe(Callback):
     """
 
     data_kind: Literal["classification", "segmentation"] = "classification"
-    #: the ``evaluate`` protocol this probe monitors cheaply (``paper_protocol`` builds it as a callback)
-    paper_protocol_name: str | None = None
+    batch_size: int  # images per embedding batch and process (set by every subclass)
+    num_workers: int | None
 
     def __init__(self, name: str, every_n_epochs: int = 1, data: pl.LightningDataModule | None = None,
                  seed: int = 0) -> None:
@@ -75,16 +118,6 @@ class Probe(Callback):
         self.last_floors: dict[str, float] = {}
         self.failures: list[str] = []
         self._resolved: Any = None
-
-    @classmethod
-    def paper_protocol(cls, preset: str | None = None, **kwargs: Any) -> Probe:
-        """The paper-protocol version of this probe: a ``PaperProtocolProbe`` running ``evaluate``'s
-        protocol (``docs/evaluation.md``) with ``preset``; ``kwargs`` go to ``PaperProtocolProbe``."""
-        if cls.paper_protocol_name is None:
-            raise TypeError(f"{cls.__name__} has no paper protocol")
-        from .paper import PaperProtocolProbe
-
-        return PaperProtocolProbe(cls.paper_protocol_name, preset, **kwargs)
 
     # -------------------------------------------------------------------------------- identity
     @property
@@ -134,7 +167,7 @@ class Probe(Callback):
 
     def guarded(self, what: str, function: Callable[[], Any]) -> Any:
         """``function()`` as an optional part: on the global RNGs without changing them, and with a failure
-        on any process agreed by all (``ssl_modules.run._optional_parts``): every process then disables the probe
+        on any process agreed by all (``ssl_modules.run.optional_parts``): every process then disables the probe
         together, the failure is reported once (naming the rank and the exception) and kept in ``failures``."""
         if self.disabled:
             return None
@@ -216,3 +249,51 @@ class Probe(Callback):
         """
         pl_module.log(self.metric_name(metric), value, on_step=on_step, on_epoch=not on_step, sync_dist=False,
                       reduce_fx="max")
+
+    # ---------------------------------------------------------------------------------- features
+    def extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset, subset: Sequence[int],
+                select: FeatureSelector, desc: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, targets and dataset indices of this process's shard of ``subset`` (batches of the probe's
+        ``batch_size``), read through ``pl_module.embed`` (``ssl_modules.evaluation.features.extract_shard``)."""
+        return extract_shard(lambda images: embed_images(trainer, pl_module, images), dataset,
+                             batch_chunks(subset, self.batch_size), select, pl_module.device, self.num_workers,
+                             bar=lambda loader, total: probe_progress(trainer, loader, total, f"{self.name}: {desc}"))
+
+
+class DenseProbe(Probe):
+    """Base of the segmentation-style probes (VOC linear head, retrieval): their dense evaluation loop.
+
+    Subclasses set ``image_size`` and ``max_val_images``."""
+
+    data_kind = "segmentation"
+    image_size: int | None
+    max_val_images: int | None
+
+    @torch.no_grad()
+    def dense_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predict: DensePredictor,
+                         first_batch: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> dict[str, float]:
+        """``{"miou": ..., "miou_floor": ...}`` of ``predict`` on the probe's segmentation validation subset.
+
+        Each process labels its shard of whole batches; the IoU counts are summed, so every process gets the
+        one-process value. ``miou_floor`` is the same metric for a prediction of background (0) everywhere.
+        ``first_batch(images, masks, predictions)`` sees this process's first batch (e.g. to log examples).
+        """
+        data = self.probe_data
+        val_set = data.segmentation_dataset("val", self.image_size)
+        subset = fixed_subset(len(val_set), 1.0, self.max_val_images, self.seed + 1)
+        if not subset:
+            raise ValueError(f"{type(self).__name__}: the segmentation validation set is empty")
+        metrics = {"miou": mean_iou(data.num_seg_classes, pl_module.device),
+                   "miou_floor": mean_iou(data.num_seg_classes, pl_module.device)}
+        batches = shard_batches(batch_chunks(subset, self.batch_size))
+        loader = sharded_loader(val_set, batches, self.num_workers)
+        for position, (images, masks) in enumerate(probe_progress(trainer, loader, len(batches),
+                                                                  f"{self.name}: evaluation")):
+            maps = dense_map(embed_images(trainer, pl_module, images))
+            masks = masks.to(pl_module.device).long()
+            predictions = predict(maps, tuple(masks.shape[-2:]))
+            update_all({"miou": metrics["miou"]}, predictions, masks)
+            update_all({"miou_floor": metrics["miou_floor"]}, torch.zeros_like(masks), masks)
+            if position == 0 and first_batch is not None:
+                first_batch(images, masks, predictions)
+        return compute_all(metrics)

@@ -1,58 +1,25 @@
 """``DenseRetrievalProbe``: in-context scene understanding by patch retrieval (Hummingbird; CrIBo's headline)."""
 from __future__ import annotations
 
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import require_at_least, require_choice, require_fraction, require_positive
-from .data import batch_chunks, fixed_subset
-from .dense import dense_evaluation
-from .embedding import dense_maps, embed_shard, gather_in_index_order
-from .metrics import IGNORE_INDEX
-from .probe import Probe
-from .search import FlatIndex, SearchBackend
-from .segmentation import upsample_logits
+from ssl_modules.evaluation.batches import fixed_subset
+from ssl_modules.evaluation.checks import require_at_least, require_choice, require_fraction, require_positive
+from ssl_modules.evaluation.features import dense_map
+from ssl_modules.evaluation.retrieval import label_maps, memory_entries, patch_labels, sample_patches
+from ssl_modules.evaluation.search import FlatIndex, SearchBackend
+from ssl_modules.run.distributed import gather_in_index_order
 
-__all__ = ["DenseRetrievalProbe", "patch_label_distributions", "retrieval_label_scores", "sample_patches"]
+from .paper import PaperProtocolMixin
+from .probe import DenseProbe
 
-
-def patch_label_distributions(masks: Tensor, grid: tuple[int, int], num_classes: int) -> Tensor:
-    """The class distribution of every patch's pixels, ``(B, h * w, num_classes)`` (row-major patches).
-
-    Pixels labelled 255 are left out; a patch with no labelled pixel gets all zeros. Patches are the cells of
-    an adaptive average pooling of the mask to ``grid`` (exact patches when the mask side is a multiple).
-    """
-    labelled = masks != IGNORE_INDEX
-    one_hot = F.one_hot(torch.where(labelled, masks.long(), num_classes), num_classes + 1)[..., :num_classes]
-    fractions = F.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), grid)
-    totals = fractions.sum(dim=1, keepdim=True)
-    distributions = torch.where(totals > 0, fractions / totals.clamp(min=1e-12), torch.zeros_like(fractions))
-    return distributions.flatten(2).transpose(1, 2)
+__all__ = ["DenseRetrievalProbe"]
 
 
-def retrieval_label_scores(similarities: Tensor, neighbour_labels: Tensor, temperature: float) -> Tensor:
-    """Label distribution of every query ``(Q, K)``: the neighbours' distributions ``(Q, k, K)`` averaged
-    with weights ``softmax(similarities / temperature)`` over the ``k`` neighbours."""
-    weights = torch.softmax(similarities.float() / temperature, dim=1)
-    return torch.bmm(weights[:, None, :], neighbour_labels.float())[:, 0]
-
-
-def sample_patches(labelled: Tensor, count: int | None, seed: int) -> Tensor:
-    """Indices (ascending) of at most ``count`` labelled patches of one image, chosen with ``seed``;
-    all labelled patches when ``count`` is ``None``."""
-    candidates = labelled.nonzero().flatten()
-    if count is None or candidates.numel() <= count:
-        return candidates
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(candidates.numel(), generator=generator)[:count]
-    return candidates[chosen.to(candidates.device)].sort().values
-
-
-class DenseRetrievalProbe(Probe):
+class DenseRetrievalProbe(PaperProtocolMixin, DenseProbe):
     """Dense nearest-neighbour retrieval ("in-context scene understanding", Balazevic et al. 2023), mIoU.
 
     Every ``every_n_epochs`` epochs (and after the last one, and on ``trainer.validate``):
@@ -97,7 +64,6 @@ class DenseRetrievalProbe(Probe):
         name: metric prefix (``probe/<name>_miou``) and checkpoint key.
     """
 
-    data_kind = "segmentation"
     paper_protocol_name = "hummingbird"
 
     def __init__(
@@ -145,10 +111,7 @@ class DenseRetrievalProbe(Probe):
         subset = fixed_subset(len(train_set), self.train_fraction, self.max_train_images, self.seed)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the segmentation training set is empty; no memory to build")
-        maps, masks, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                         dense_maps, self.num_workers, f"{self.name}: memory features")
-        if self.background_for_ignore:
-            masks = torch.where(masks == IGNORE_INDEX, torch.zeros_like(masks), masks)
+        maps, masks, index = self.extract(trainer, pl_module, train_set, subset, dense_map, "memory features")
         features, labels, owner = self.memory_entries(maps, masks, index)
         _, features, labels = gather_in_index_order(owner, features, labels)
         if features.shape[0] == 0:
@@ -156,24 +119,22 @@ class DenseRetrievalProbe(Probe):
         return features, labels
 
     def memory_entries(self, maps: Tensor, masks: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """This process's entries: normalised features ``(E, C)``, labels ``(E, K)`` and image index ``(E,)``."""
-        grid = tuple(maps.shape[-2:])
-        tokens = F.normalize(maps.flatten(2).transpose(1, 2), dim=-1)
+        """This process's entries: normalised features ``(E, C)``, labels ``(E, K)`` and image index ``(E,)``;
+        patch labels are computed ``batch_size`` images at a time (their one-hot masks are large)."""
         num_classes = self.probe_data.num_seg_classes
-        features, labels, owners = [], [], []
-        for start in range(0, maps.shape[0], self.batch_size):
-            stop = start + self.batch_size
-            distributions = patch_label_distributions(masks[start:stop], grid, num_classes)
-            for row, image in enumerate(index[start:stop].tolist()):
-                keep = sample_patches(distributions[row].sum(dim=1) > 0, self.patches_per_image,
-                                      self.seed * 1_000_003 + image)
-                features.append(tokens[start + row, keep])
-                labels.append(distributions[row, keep])
-                owners.append(torch.full((keep.numel(),), image, dtype=torch.long, device=maps.device))
-        if not features:
-            channels = maps.shape[1]
-            return maps.new_zeros(0, channels), maps.new_zeros(0, num_classes), index.new_zeros(0)
-        return torch.cat(features), torch.cat(labels), torch.cat(owners)
+
+        def choose(labels: Tensor, image: int) -> Tensor:
+            return sample_patches(labels.sum(dim=1) > 0, self.patches_per_image, self.seed * 1_000_003 + image)
+
+        parts = [memory_entries(maps[start:start + self.batch_size],
+                                patch_labels(masks[start:start + self.batch_size], tuple(maps.shape[-2:]), num_classes,
+                                             self.background_for_ignore),
+                                index[start:start + self.batch_size].tolist(), choose)
+                 for start in range(0, maps.shape[0], self.batch_size)]
+        if not parts:
+            return maps.new_zeros(0, maps.shape[1]), maps.new_zeros(0, num_classes), index.new_zeros(0)
+        features, labels, owners = (torch.cat(values) for values in zip(*parts))
+        return features, labels, owners
 
     # ------------------------------------------------------------------------------- retrieval
     @torch.no_grad()
@@ -181,17 +142,8 @@ class DenseRetrievalProbe(Probe):
                         memory_labels: Tensor) -> float:
         """mIoU of retrieval labelling of the validation subset (every process the same value)."""
         def predict(maps: Tensor, size: tuple[int, int]) -> Tensor:
-            return self.label_maps(maps, index, memory_labels, size)
+            return label_maps(maps, index, memory_labels, self.k, self.temperature, size)
 
-        result = dense_evaluation(self, trainer, pl_module, predict)
+        result = self.dense_evaluation(trainer, pl_module, predict)
         self._floor = result["miou_floor"]
         return result["miou"]
-
-    def label_maps(self, maps: Tensor, index: FlatIndex, memory_labels: Tensor, size: Any) -> Tensor:
-        """Predicted pixel labels ``(B, S, S)`` of feature maps ``(B, C, h, w)`` by retrieval."""
-        batch, channels, height, width = maps.shape
-        queries = F.normalize(maps.flatten(2).transpose(1, 2).reshape(-1, channels), dim=-1)
-        similarities, neighbours = index.search(queries, self.k)
-        scores = retrieval_label_scores(similarities, memory_labels.to(neighbours.device)[neighbours], self.temperature)
-        scores = scores.reshape(batch, height * width, -1).transpose(1, 2).reshape(batch, -1, height, width)
-        return upsample_logits(scores, tuple(size)).argmax(dim=1)

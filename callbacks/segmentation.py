@@ -8,17 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import require_at_least, require_choice, require_positive
-from .data import batch_chunks, fixed_subset
-from .dense import dense_evaluation
-from .diagnostics import log_segmentation_examples
-from .embedding import broadcast_module_, dense_maps, embed_shard, gather_in_index_order
-from .heads import PROBE_OPTIMIZERS, probe_optimizer, seeded_head
-from .metrics import IGNORE_INDEX
-from .probe import Probe
-from .progress import probe_progress
+from ssl_modules.evaluation.batches import fixed_subset
+from ssl_modules.evaluation.checks import require_at_least, require_choice, require_positive
+from ssl_modules.evaluation.features import dense_map
+from ssl_modules.evaluation.metrics import IGNORE_INDEX
+from ssl_modules.evaluation.retrieval import upsample_logits
+from ssl_modules.evaluation.training import broadcast_module_, head_optimizer, seeded_head
+from ssl_modules.run.distributed import gather_in_index_order
 
-__all__ = ["VOCSegmentationProbe", "LinearSegmentationHead", "upsample_logits"]
+from .diagnostics import log_segmentation_examples
+from .paper import PaperProtocolMixin
+from .probe import PROBE_OPTIMIZERS, DenseProbe, probe_progress
+
+__all__ = ["VOCSegmentationProbe", "LinearSegmentationHead"]
 
 
 class LinearSegmentationHead(nn.Module):
@@ -40,12 +42,7 @@ class LinearSegmentationHead(nn.Module):
         return self.classifier(self.norm(features))
 
 
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling of ``(B, K, h, w)`` logits to the mask size (``align_corners=False``)."""
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-class VOCSegmentationProbe(Probe):
+class VOCSegmentationProbe(PaperProtocolMixin, DenseProbe):
     """Linear segmentation of frozen dense features (Pascal VOC protocol in miniature), mIoU on val.
 
     Every ``every_n_epochs`` epochs (and after the last one, and on ``trainer.validate``):
@@ -89,7 +86,6 @@ class VOCSegmentationProbe(Probe):
         name: metric prefix (``probe/<name>_miou``) and checkpoint key.
     """
 
-    data_kind = "segmentation"
     paper_protocol_name = "voc-linear"
 
     def __init__(
@@ -136,8 +132,7 @@ class VOCSegmentationProbe(Probe):
         subset = fixed_subset(len(train_set), 1.0, self.max_train_images, self.seed)
         if not subset:
             raise ValueError(f"{type(self).__name__}: the segmentation training set is empty")
-        features, masks, index = embed_shard(trainer, pl_module, train_set, batch_chunks(subset, self.batch_size),
-                                             dense_maps, self.num_workers)
+        features, masks, index = self.extract(trainer, pl_module, train_set, subset, dense_map, "train features")
         _, features, masks = gather_in_index_order(index, features, masks.to(torch.uint8))
         return features, masks
 
@@ -145,7 +140,7 @@ class VOCSegmentationProbe(Probe):
         """A freshly initialised (seeded) head and its optimizer."""
         classes = self.probe_data.num_seg_classes
         head = seeded_head(lambda generator: LinearSegmentationHead(channels, classes, generator), self.seed, device)
-        return head, probe_optimizer(head, self.optimizer_name, self.lr, self.weight_decay)
+        return head, head_optimizer(head, self.optimizer_name, self.lr, self.weight_decay)
 
     def train_head(self, features: Tensor, masks: Tensor, trainer: pl.Trainer | None = None) -> LinearSegmentationHead:
         """``steps`` steps on random batches of the cache (the same batches on every process)."""
@@ -177,7 +172,7 @@ class VOCSegmentationProbe(Probe):
                 log_segmentation_examples(trainer, f"probe/{self.name}_examples", images, masks, predictions,
                                           num_classes=self.probe_data.num_seg_classes, count=self.num_logged_images)
 
-        result = dense_evaluation(self, trainer, pl_module, predict, log_examples)
+        result = self.dense_evaluation(trainer, pl_module, predict, log_examples)
         self._floor = result["miou_floor"]
         return {"miou": result["miou"]}
 

@@ -274,11 +274,12 @@ class ClassificationDataMixin:
         return len(self.class_names)
 
     def eval_dataset(self, split: str) -> Dataset:
-        """``(float normalised image (3, S, S), int label)`` pairs of ``split``, ``S = eval_size``."""
+        """``(float normalised image (3, S, S), int label)`` pairs of ``split``, ``S = eval_size``; an unreadable
+        image raises ``UnreadableImageError`` naming it (evaluation data is never skipped)."""
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; use 'train' or 'val'")
         images = self.eval_images(split)
-        return ImageFiles(images.files, images.labels, EvalTransform(self.eval_size))
+        return ImageFiles(images.files, images.labels, EvalTransform(self.eval_size), unreadable="error")
 
 
 def require_dir(path: Path, expected: str) -> Path:

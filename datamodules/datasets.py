@@ -1,9 +1,16 @@
-"""Map-style data sets over image files that survive unreadable files.
+"""Map-style data sets over image files, with one rule per kind of data for a file that cannot be read.
 
-A file that cannot be decoded is skipped with a ``CorruptImageWarning`` naming it (once per file and
-process), the next readable file takes its place, and ``skipped`` counts the skips across the loader's
-worker processes (the counter lives in shared memory). An epoch never stops on a bad file. Only decoding
-is guarded: an error of a transform is a bug and propagates.
+Pretraining images (``unreadable="skip"``, the default of ``ImageFiles`` and ``MultiCropImages``): a file that
+cannot be decoded is skipped with a ``CorruptImageWarning`` naming it (once per file and process), the next
+readable file takes its place, and ``skipped`` counts the skips across the loader's worker processes (the
+counter lives in shared memory). An epoch never stops on a bad file.
+
+Evaluation images (``unreadable="error"``: the probes' ``eval_dataset``, every ``SegmentationPairs``, the
+data sets of ``evaluate``): an unreadable file raises ``UnreadableImageError`` naming it, since another image
+in its place would be counted twice in a metric.
+
+Only decoding is guarded: an error of a transform is a bug and propagates; a readable mask that is not a mask
+of class indices raises a ``MaskFormatError`` either way.
 """
 from __future__ import annotations
 
@@ -11,34 +18,56 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from .reading import CorruptImageWarning, MaskFormatError, read_image, read_mask
 from .views import MultiCropViews, ViewSample, check_guide_boxes, item_generator
 
-__all__ = ["ImageFiles", "MultiCropImages", "SegmentationPairs", "UnknownMaskValueError"]
+__all__ = ["ImageFiles", "MultiCropImages", "SegmentationPairs", "UnknownMaskValueError", "UnreadableImageError",
+           "Unreadable"]
 
 # Decoders raise all of these on truncated or foreign files.
 _READ_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
+
+#: What a data set does with a file it cannot decode: skip it (pretraining) or fail naming it (evaluation).
+Unreadable = Literal["skip", "error"]
 
 
 class UnknownMaskValueError(MaskFormatError):
     """A mask holds a value that is neither a class index nor the ignore index."""
 
 
-class _SkippingReader(Dataset):
-    """Decodes item ``index`` with ``_decode``; an unreadable item is replaced by the next readable one."""
+class UnreadableImageError(ValueError):
+    """An image or mask file of an evaluation data set cannot be decoded; the message names the file."""
+
+
+def _read_named(read: Callable[[Path], Tensor], path: Path) -> Tensor:
+    """``read(path)``, a decoding failure raised as ``UnreadableImageError`` naming ``path``."""
+    try:
+        return read(path)
+    except MaskFormatError:  # readable but wrong data: a different error
+        raise
+    except _READ_ERRORS as error:
+        raise UnreadableImageError(f"{path} cannot be read: {error}") from error
+
+
+class _FileReader(Dataset):
+    """Decodes item ``index`` with ``_decode``; an unreadable item is skipped or fails, as ``unreadable`` says."""
 
     max_consecutive_skips = 100
 
-    def __init__(self, files: Sequence[Path]) -> None:
+    def __init__(self, files: Sequence[Path], unreadable: Unreadable = "skip") -> None:
         if not files:
             raise ValueError("a data set needs at least one file")
+        if unreadable not in ("skip", "error"):
+            raise ValueError(f"unreadable={unreadable!r}; use 'skip' (pretraining) or 'error' (evaluation)")
         self.files = [Path(f) for f in files]
+        self.unreadable = unreadable
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._warned: set[Path] = set()
 
@@ -51,8 +80,14 @@ class _SkippingReader(Dataset):
         return int(self._skipped.item())
 
     def _decode(self, index: int) -> Any:
-        """The decoded file(s) of item ``index``; raises on unreadable files."""
+        """The decoded file(s) of item ``index``; raises ``UnreadableImageError`` on unreadable files."""
         raise NotImplementedError
+
+    def _decode_item(self, index: int) -> tuple[Any, int]:
+        """``(decoded item, index of the file used)`` under the ``unreadable`` rule."""
+        if self.unreadable == "error":
+            return self._decode(index), index
+        return self._decode_skipping(index)
 
     def _decode_skipping(self, index: int) -> tuple[Any, int]:
         """``(_decode(i), i)`` for the first readable ``i`` from ``index`` on (wrapping around)."""
@@ -60,10 +95,8 @@ class _SkippingReader(Dataset):
             current = (index + step) % len(self.files)
             try:
                 return self._decode(current), current
-            except MaskFormatError:  # readable but wrong data: skipping would hide it
-                raise
-            except _READ_ERRORS as error:
-                self._skip(current, error)
+            except UnreadableImageError as error:
+                self._skip(current, error.__cause__ or error)
         tried = min(self.max_consecutive_skips, len(self.files))
         raise RuntimeError(f"{tried} files in a row from {self.files[index]} could not be read; is the data set "
                            "corrupt? (warnings name each file)")
@@ -73,21 +106,23 @@ class _SkippingReader(Dataset):
         path = self.files[index]
         if path not in self._warned:
             self._warned.add(path)
-            warnings.warn(f"skipping unreadable image {path}: {error}", CorruptImageWarning, stacklevel=3)
+            warnings.warn(f"skipping unreadable image {path}: {error}", CorruptImageWarning, stacklevel=4)
 
 
-class ImageFiles(_SkippingReader):
+class ImageFiles(_FileReader):
     """Images from files with optional labels: item ``i`` is ``(transform(image), label)``, label -1 if none.
 
     Args:
         files: image paths.
         labels: one class index per file, or ``None``.
         transform: applied to the RGB uint8 ``(3, H, W)`` image; identity when ``None``.
+        unreadable: ``"skip"`` (pretraining: the next readable file takes the place of an unreadable one) or
+            ``"error"`` (evaluation: ``UnreadableImageError`` naming the file).
     """
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int] | None = None,
-                 transform: Callable[[Tensor], Any] | None = None) -> None:
-        super().__init__(files)
+                 transform: Callable[[Tensor], Any] | None = None, unreadable: Unreadable = "skip") -> None:
+        super().__init__(files, unreadable)
         if labels is not None and len(labels) != len(self.files):
             raise ValueError(f"{len(labels)} labels for {len(self.files)} files")
         self.labels = list(labels) if labels is not None else None
@@ -97,16 +132,11 @@ class ImageFiles(_SkippingReader):
         return self.labels[index] if self.labels is not None else -1
 
     def _decode(self, index: int) -> Tensor:
-        return read_image(self.files[index])
-
-    def _item(self, index: int) -> tuple[Any, int]:
-        """The transformed image of the first readable file from ``index`` on, and that file's index."""
-        image, used = self._decode_skipping(index)
-        return (self.transform(image) if self.transform is not None else image), used
+        return _read_named(read_image, self.files[index])
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        item, used = self._item(index)
-        return item, self.label(used)
+        image, used = self._decode_item(index)
+        return (self.transform(image) if self.transform is not None else image), self.label(used)
 
 
 class MultiCropImages(ImageFiles):
@@ -181,7 +211,7 @@ class MultiCropImages(ImageFiles):
         drawn from ``item_generator(seed, epoch, index)``, a pure function of the three (what
         ``datamodules.ResumableSampler`` yields)."""
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        image, used = self._decode_skipping(index)
+        image, used = self._decode_item(index)
         if self.transform is None:
             return image, self.label(used), used
         if not isinstance(self.transform, MultiCropViews):
@@ -195,12 +225,13 @@ class MultiCropImages(ImageFiles):
         return item, self.label(used), used
 
 
-class SegmentationPairs(_SkippingReader):
-    """Image-mask pairs: item ``i`` is ``transform(image, mask)``.
+class SegmentationPairs(_FileReader):
+    """Image-mask pairs of evaluation data: item ``i`` is ``transform(image, mask)``.
 
     Mask values must be class indices in ``[0, num_classes)`` or ``ignore_index``; anything else raises
     ``UnknownMaskValueError`` naming the file, or with ``unknown_values="ignore"`` is mapped to
-    ``ignore_index`` with a warning.
+    ``ignore_index`` with a warning. A mask of another size than its image raises ``MaskFormatError``; an
+    unreadable image or mask raises ``UnreadableImageError`` naming it.
 
     Args:
         images: image paths.
@@ -211,10 +242,13 @@ class SegmentationPairs(_SkippingReader):
         unknown_values: ``"error"`` or ``"ignore"``.
     """
 
+    #: what the unknown-value error suggests (the DataModules' option)
+    unknown_values_fix = "fix the mask or pass unknown_mask_values='ignore' to map them to the ignore value"
+
     def __init__(self, images: Sequence[Path], masks: Sequence[Path],
                  transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], num_classes: int,
                  ignore_index: int = 255, unknown_values: str = "error") -> None:
-        super().__init__(images)
+        super().__init__(images, unreadable="error")
         if len(masks) != len(self.files):
             raise ValueError(f"{len(masks)} masks for {len(self.files)} images")
         if unknown_values not in ("error", "ignore"):
@@ -224,11 +258,11 @@ class SegmentationPairs(_SkippingReader):
         self.num_classes, self.ignore_index, self.unknown_values = num_classes, ignore_index, unknown_values
 
     def _decode(self, index: int) -> tuple[Tensor, Tensor]:
-        image = read_image(self.files[index])
-        mask = self._checked(read_mask(self.masks[index]), self.masks[index])
+        image = _read_named(read_image, self.files[index])
+        mask = self._checked(_read_named(read_mask, self.masks[index]), self.masks[index])
         if image.shape[-2:] != mask.shape:
-            raise MaskFormatError(f"{self.masks[index]} is {tuple(mask.shape)} but its image {self.files[index]} is "
-                                  f"{tuple(image.shape[-2:])}")
+            raise MaskFormatError(_size_mismatch(self.masks[index], tuple(mask.shape), self.files[index],
+                                                 tuple(image.shape[-2:])))
         return image, mask
 
     def _checked(self, mask: Tensor, path: Path) -> Tensor:
@@ -239,11 +273,26 @@ class SegmentationPairs(_SkippingReader):
         message = (f"{path} holds mask values {values[:10]} outside the classes 0..{self.num_classes - 1} and "
                    f"the ignore value {self.ignore_index}")
         if self.unknown_values == "error":
-            raise UnknownMaskValueError(message + "; fix the mask or pass unknown_mask_values='ignore' to map "
-                                        f"them to {self.ignore_index}")
+            raise UnknownMaskValueError(f"{message}; {self.unknown_values_fix}")
         warnings.warn(message + f"; mapped to {self.ignore_index}", stacklevel=2)
         return mask.masked_fill(unknown, self.ignore_index)
 
+    def read(self, index: int) -> tuple[Tensor, Tensor]:
+        """The checked uint8 image ``(3, H, W)`` and mask ``(H, W)`` of item ``index``, before the transform."""
+        return self._decode(index)
+
+    def check_mask_sizes(self) -> None:
+        """A ``MaskFormatError`` naming the first mask whose size differs from its image's, read from the file
+        headers only (cheap enough to check a whole set before any work)."""
+        for image, mask in zip(self.files, self.masks):
+            with Image.open(image) as a, Image.open(mask) as b:
+                if a.size != b.size:
+                    raise MaskFormatError(_size_mismatch(mask, b.size[::-1], image, a.size[::-1]))
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        (image, mask), _ = self._decode_skipping(index)
-        return self.transform(image, mask)
+        return self.transform(*self.read(index))
+
+
+def _size_mismatch(mask: Path, mask_size: tuple[int, ...], image: Path, image_size: tuple[int, ...]) -> str:
+    return (f"{mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {image_size[0]}x{image_size[1]}; "
+            "every mask must have its image's size")

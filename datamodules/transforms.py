@@ -1,4 +1,5 @@
-"""Deterministic transforms of the probes: resize the shorter side, centre crop, normalise."""
+"""Deterministic transforms of the probes and the evaluation protocols: resize the shorter side, centre crop,
+normalise."""
 from __future__ import annotations
 
 import torchvision.transforms.v2.functional as F
@@ -15,6 +16,7 @@ __all__ = [
     "ResizeTransform",
     "SegmentationEvalTransform",
     "normalize_uint8",
+    "resize_centre_crop",
 ]
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
@@ -35,6 +37,15 @@ def interpolation_mode(name: str) -> InterpolationMode:
 def _check_size(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name}={value} must be a positive number of pixels")
+
+
+def resize_centre_crop(image: Tensor, size: int, resize_size: int | None = None,
+                       interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> Tensor:
+    """The evaluation crop of DINO and of the probes: the shorter side resized (antialiased) to ``resize_size``
+    (default ``round(size * 256 / 224)``), then the centre ``size x size``; the image keeps its dtype."""
+    resize_size = resize_size if resize_size is not None else round(size * 256 / 224)
+    image = F.resize(image, [resize_size], interpolation=interpolation, antialias=True)
+    return F.center_crop(image, [size, size])
 
 
 class EvalTransform:
@@ -66,8 +77,7 @@ class EvalTransform:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image: Tensor) -> Tensor:
-        image = F.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=True)
-        image = F.center_crop(image, [self.size, self.size])
+        image = resize_centre_crop(image, self.size, self.resize_size, self.interpolation)
         return normalize_uint8(image, self.mean, self.std)
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ DataModules' ``on_after_batch_transfer``, i.e. on the training device) turns the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,7 +24,10 @@ from . import colour
 from .transforms import interpolation_mode, normalize_uint8
 
 __all__ = ["Views", "ViewSample", "MultiCropViews", "CropSpec", "PRESETS", "collate_views", "contrastive_crop_params",
-           "check_guide_boxes", "random_resized_crop_params", "color_jitter_params", "item_generator"]
+           "check_guide_boxes", "random_resized_crop_params", "color_jitter_params", "item_generator", "UniformDraw"]
+
+#: ``(low, high, generator) -> float``: one uniform draw in ``[low, high)``.
+UniformDraw = Callable[[float, float, torch.Generator | None], float]
 
 
 class ViewSample(NamedTuple):
@@ -149,10 +152,16 @@ def _beta_pair(alpha: float, generator: torch.Generator | None) -> list[float]:
 
 
 def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+                               generator: torch.Generator | None = None,
+                               uniform: UniformDraw = _uniform) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box ``(top, left, h, w)`` (torchvision's algorithm: area fraction uniform in
-    ``scale``, log-uniform aspect ratio in ``ratio``, 10 tries, then a centre crop), drawn from ``generator``."""
-    size = _random_crop_size(height, width, scale, ratio, generator)
+    ``scale``, log-uniform aspect ratio in ``ratio``, 10 tries, then a centre crop), drawn from ``generator``.
+
+    ``uniform`` draws the area fraction and the log aspect ratio; the default rounds each draw to float32 (as
+    torch's ``uniform_``). The evaluation protocols pass their own float64 draw, which their numbers were
+    measured with; both consume the generator alike.
+    """
+    size = _random_crop_size(height, width, scale, ratio, generator, uniform)
     if size is None:
         return _centre_fallback(height, width, ratio)
     h, w = size
@@ -162,13 +171,13 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
 
 
 def _random_crop_size(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                      generator: torch.Generator | None) -> tuple[int, int] | None:
+                      generator: torch.Generator | None, uniform: UniformDraw) -> tuple[int, int] | None:
     """The ``(h, w)`` of RandomResizedCrop's first admissible try of 10, or None."""
     area = height * width
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target_area = area * _uniform(scale[0], scale[1], generator)
-        aspect = math.exp(_uniform(log_low, log_high, generator))
+        target_area = area * uniform(scale[0], scale[1], generator)
+        aspect = math.exp(uniform(log_low, log_high, generator))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -234,7 +243,7 @@ def contrastive_crop_params(
     box (to a pixel) unless the crop is pushed in from the image
     border; ``alpha < 1`` favours the box sides.
     """
-    size = _random_crop_size(height, width, scale, ratio, generator)
+    size = _random_crop_size(height, width, scale, ratio, generator, _uniform)
     if size is None:
         return _centre_fallback(height, width, ratio)
     h, w = size

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ssl_modules.methods.base import SSLModule  # noqa: E402
-from ssl_modules.cli.app import SSLCLI  # noqa: E402
+from ssl_modules.cli.lightning import SSLCLI  # noqa: E402
 
 METHODS = ("cribo", "bam", "vicregl")
 

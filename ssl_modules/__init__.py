@@ -16,9 +16,9 @@ _EXPORTS = {
     "VICRegL": "ssl_modules.methods.vicregl",
     "BAM": "ssl_modules.methods.bam",
     "CrIBo": "ssl_modules.methods.cribo",
-    "load_official": "ssl_modules.checkpoints.official",
-    "save_official": "ssl_modules.checkpoints.official",
-    "load_backbone_weights": "ssl_modules.checkpoints.official",
+    "load_official": "ssl_modules.methods.official",
+    "save_official": "ssl_modules.methods.official",
+    "load_backbone_weights": "ssl_modules.methods.official",
     "ExactResume": "ssl_modules.run.resume",
     "ObjectMemoryBank": "ssl_modules.methods.memory_bank",
     "PerformanceOptions": "ssl_modules.run.performance",
@@ -29,17 +29,17 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .backbones import Backbone
-    from .contracts import Features, Views
-    from .bam import BAM
-    from .base import SSLModule
-    from .cribo import CrIBo
-    from .official import load_backbone_weights, load_official, save_official
-    from .resume import ExactResume
-    from .memory_bank import ObjectMemoryBank
-    from .performance import PerformanceOptions
-    from .guard import NonFiniteGuard, NonFiniteLossError
-    from .vicregl import VICRegL
+    from ssl_modules.contracts import Features, Views
+    from ssl_modules.methods.bam import BAM
+    from ssl_modules.methods.base import SSLModule
+    from ssl_modules.methods.cribo import CrIBo
+    from ssl_modules.methods.memory_bank import ObjectMemoryBank
+    from ssl_modules.methods.official import load_backbone_weights, load_official, save_official
+    from ssl_modules.methods.vicregl import VICRegL
+    from ssl_modules.networks.backbones import Backbone
+    from ssl_modules.run.guard import NonFiniteGuard, NonFiniteLossError
+    from ssl_modules.run.performance import PerformanceOptions
+    from ssl_modules.run.resume import ExactResume
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 import sys
 
-from ssl_modules.cli.app import main
+from ssl_modules.cli import main
 
 sys.exit(main())

@@ -7,6 +7,7 @@ them too (``.ci/run`` and the README's test command pass ``--runslow``).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,3 +47,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """End the worker processes of ``run_distributed`` (started by the first test that used it)."""
+    distributed_utils = sys.modules.get("support.distributed_utils")
+    if distributed_utils is not None:
+        distributed_utils.shutdown_pools()

@@ -1,126 +1,147 @@
-"""``python -m ssl_modules evaluate``: the papers' evaluation protocols from the command line."""
+"""``python -m ssl_modules evaluate``: the papers' evaluation protocols from the command line.
+
+The options are ``ssl_modules.evaluation.evaluate``'s parameters, typed (``--batch_size 32``, ``--protocols knn
+linear``), and each protocol's settings dataclass as nested options with its preset:
+``--linear.preset bam --linear.epochs 10``, ``--knn.ks '[10, 20]'``, ``--hummingbird.memory_size 1024000``; a
+setting given replaces the preset's value, the others keep it. ``--config file.yaml`` gives any of them as YAML::
+
+    protocols: [linear, hummingbird]
+    imagenet: /data/imagenet
+    linear: {preset: bam, epochs: 10}
+
+Exit codes: 0 success, 1 the evaluation failed (missing or unreadable data, model or checkpoint, a setting the
+protocol refuses), 2 a bad command line, found before the model is loaded (``docs/failures.md``).
+"""
 from __future__ import annotations
 
-import argparse
-import ast
-import os
+import dataclasses
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["build_parser", "main", "parse", "usable_cpus", "CommandLineParser", "UsageError"]
+from ssl_modules.cli._errors import CommandLineError, RunError, exit_code
+from ssl_modules.cli._parsing import add_flag, command_parser, parameter_help, parse_command_line
+from ssl_modules.cli._run_checks import usable_cpus
 
-# Exit codes, the same in every command of ``python -m ssl_modules`` (docs/failures.md)
-EXIT_FAILED = 1  # the evaluation failed: missing or unreadable data, model or checkpoint
-EXIT_USAGE = 2  # a bad command line
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
+
+__all__ = ["build_parser", "main", "parse", "usable_cpus"]
 
 _EXAMPLES = (
     "examples (one per paper result; docs/evaluation.md):\n"
     "  k-NN (DINO / BAM / CrIBo ImageNet):   evaluate run/backbone.pt --protocols knn --imagenet /data/imagenet\n"
-    "  linear (BAM ImageNet):                evaluate last.ckpt --protocols linear --preset linear=bam"
+    "  linear (BAM ImageNet):                evaluate last.ckpt --protocols linear --linear.preset bam"
     " --imagenet /data/imagenet\n"
-    "  VOC linear segmentation (CrIBo):      evaluate last.ckpt --protocols voc-linear --preset voc-linear=cribo"
+    "  VOC linear segmentation (CrIBo):      evaluate last.ckpt --protocols voc-linear --voc-linear.preset cribo"
     " --voc /data/VOCdevkit\n"
     "  Hummingbird retrieval (CrIBo):        evaluate last.ckpt --protocols hummingbird --voc /data/VOCdevkit\n"
-    "  several protocols, one extraction:      evaluate last.ckpt --protocols knn linear --imagenet /data/imagenet\n"
-    "  fewer epochs:                           ... --set linear.epochs=10 --set hummingbird.memory_size=1024000\n"
-    "  many GPUs:                              torchrun --nproc_per_node 8 -m ssl_modules evaluate ...\n"
+    "  several protocols, one extraction:    evaluate last.ckpt --protocols knn linear --imagenet /data/imagenet\n"
+    "  fewer epochs:                         ... --linear.epochs 10 --hummingbird.memory_size 1024000\n"
+    "  from a file:                          evaluate last.ckpt --config eval.yaml  (--print_config writes one)\n"
+    "  many GPUs:                            torchrun --nproc_per_node 8 -m ssl_modules evaluate ...\n"
 )
+# evaluate()'s parameters that get their own typed option here (choices, flags) or are the nested groups
+_OWN_OPTIONS = {"model", "protocols", "presets", "overrides", "official", "teacher", "precision", "device",
+                "show_progress", "trust_checkpoint"}
+
+
+def _settings_types() -> dict[str, type]:
+    from ssl_modules.evaluation import HummingbirdSettings, KNNSettings, LinearSettings, VOCLinearSettings
+
+    return {"knn": KNNSettings, "linear": LinearSettings, "voc-linear": VOCLinearSettings,
+            "hummingbird": HummingbirdSettings}
 
 
 def _presets_help() -> str:
     from ssl_modules.evaluation.api import PRESETS
 
-    lines = ["protocols and presets (the first preset of each protocol is its default):"]
+    lines = ["protocols and presets (--<protocol>.preset; the first of each protocol is its default):"]
     for protocol, presets in PRESETS.items():
         lines.append(f"  {protocol}")
-        for name, paper in presets.items():
-            lines.append(f"    {name:<14} {paper}")
+        lines += [f"    {name:<14} {paper}" for name, paper in presets.items()]
     return "\n".join(lines)
 
 
-def usable_cpus() -> int:
-    """The CPU cores this process may run on: its affinity mask where the OS has one (Linux), else all of the
-    machine's (macOS, Windows); at least 1."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    if affinity is not None:
-        return max(1, len(affinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-class UsageError(ValueError):
-    """A bad command line, in one line for the user (exit code 2)."""
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """``argparse`` that raises :class:`UsageError` instead of printing its whole usage and exiting, so that a
-    bad command line gets one line and the caller decides the exit code."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} ({self.prog} --help lists the options)")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """The argument parser of ``evaluate``."""
-    from ssl_modules.evaluation.api import PROTOCOLS
+    from ssl_modules.evaluation.api import PRESETS, PROTOCOLS, evaluate
 
-    parser = CommandLineParser(
-        prog="python -m ssl_modules evaluate",
-        description="Evaluate a backbone with the papers' protocols (frozen backbone, float32 features).",
-        epilog=_presets_help() + "\n\n" + _EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a .ckpt of this library, an exported backbone .pt (with its .json), an "
-                                      "official checkpoint (with --official) or a timm model name")
-    parser.add_argument("--protocols", nargs="+", default=["knn"], choices=PROTOCOLS, metavar="PROTOCOL",
-                        help=f"one or more of {', '.join(PROTOCOLS)} (default: knn)")
-    parser.add_argument("--preset", action="append", default=[], metavar="PROTOCOL=PRESET",
-                        help="the recipe of a protocol, e.g. linear=bam (see the list below)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="PROTOCOL.KEY=VALUE",
-                        help="change one setting of a preset, e.g. linear.epochs=10")
-    parser.add_argument("--imagenet", help="root with train/<class>/* and val/<class>/* (knn, linear)")
-    parser.add_argument("--voc", help="Pascal VOC root: VOC2012/, VOCdevkit/VOC2012/ or the folder itself "
-                                      "(voc-linear, hummingbird)")
-    parser.add_argument("--voc-classes", type=int, default=21,
-                        help="classes of the VOC-layout masks, background included (default 21, Pascal VOC)")
-    parser.add_argument("--official", choices=["auto", "cribo", "bam", "vicregl"],
-                        help="the model is an official checkpoint of this method (auto: from its layout)")
-    parser.add_argument("--student", action="store_true", help="evaluate the student backbone instead of the teacher")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="read the model file with full unpickling even if it holds types a weights-only read "
-                        "refuses (it can run code from the file: only for files you trust; docs/resume.md)")
-    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
-                        help="feature precision (default 32: float32, as the protocols)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch and process")
-    parser.add_argument("--num-workers", type=int, default=min(4, usable_cpus()),
-                        help="loader workers per process (default: 4, or the CPUs this process may use if fewer)")
-    parser.add_argument("--output", default="evaluation", help="folder for evaluation.json and evaluation.txt")
-    parser.add_argument("--cache-dir", help="keep extracted features here between runs (keyed by the weights)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--timm-kwarg", action="append", default=[], metavar="KEY=VALUE",
-                        help="timm.create_model argument for a timm name, e.g. img_size=32")
+    parser = command_parser("evaluate", "Evaluate a backbone with the papers' protocols (frozen backbone, float32 "
+                                        "features).", _presets_help() + "\n\n" + _EXAMPLES)
+    doc = parameter_help(evaluate)
+    parser.add_argument("model", type=str, help="a .ckpt of this library, an exported backbone (a .pt with its "
+                        ".json, or a folder), an official checkpoint (with --official) or a timm model name")
+    parser.add_argument("--protocols", nargs="+", type=Literal[tuple(PROTOCOLS)], default=["knn"],
+                        help=doc.get("protocols", ""))
+    parser.add_argument("--official", type=Literal["auto", "cribo", "bam", "vicregl"] | None, default=None,
+                        help="the model is an official checkpoint of this method (auto: told from its layout)")
+    parser.add_function_arguments(evaluate, as_group=False, skip=_OWN_OPTIONS)
+    parser.set_defaults(num_workers=min(4, usable_cpus()), output="evaluation")
+    parser.add_argument("--precision", type=Literal["32", "bf16", "16"], default="32", help=doc.get("precision", ""))
+    parser.add_argument("--device", type=str | None, default=None, help="cuda, cuda:1, cpu (default: this "
+                        "process's CUDA device when there is one, else the CPU)")
+    add_flag(parser, "teacher", doc.get("teacher", ""), default=True)
+    add_flag(parser, "show_progress", doc.get("show_progress", ""), default=True)
+    add_flag(parser, "trust_checkpoint", doc.get("trust_checkpoint", ""))
+    for protocol, settings in _settings_types().items():
+        _add_settings(parser, protocol, settings, tuple(PRESETS[protocol]))
     return parser
 
 
-def _value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+def _add_settings(parser: ArgumentParser, protocol: str, settings: type, presets: tuple[str, ...]) -> None:
+    """``--<protocol>.preset`` and one option per field of the protocol's settings dataclass."""
+    parser.add_class_arguments(settings, protocol, skip={"paper"})
+    group = parser.groups[protocol]
+    group.title = f"{protocol} settings (--protocols {protocol})"
+    group.description = (f"  A setting given replaces the value of --{protocol}.preset's recipe; defaults shown: "
+                         f"{settings.__name__}'s (the first preset's)")
+    group.add_argument(f"--{protocol}.preset", type=Literal[presets] | None, default=None,
+                       help=f"one of {', '.join(presets)} (default: {presets[0]}; the list is at the end)")
 
 
-def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{what} {item!r} must look like KEY=VALUE")
-        pairs.append((key.strip(), value.strip()))
-    return pairs
+def parse(argv: list[str]) -> dict[str, Any]:
+    """``evaluate``'s keyword arguments from the command line; a
+    :class:`~ssl_modules.cli._errors.CommandLineError` for an unknown option or a value of the wrong type."""
+    values, given = parse_command_line(build_parser(), list(argv), "evaluate")
+    presets, overrides = {}, {}
+    for protocol in _settings_types():
+        preset, changed = _protocol_settings(given, protocol)
+        if preset is not None:
+            presets[protocol] = preset
+        if changed:
+            overrides[protocol] = changed
+    kwargs = {name: values[name] for name in ("model", "protocols", "imagenet", "voc", "voc_classes", "official",
+                                              "teacher", "precision", "device", "batch_size", "num_workers",
+                                              "output", "cache_dir", "show_progress", "trust_checkpoint")}
+    kwargs.update(presets=presets, overrides=overrides, timm_kwargs=dict(values["timm_kwargs"] or {}))
+    return kwargs
+
+
+def _protocol_settings(given: Namespace, protocol: str) -> tuple[str | None, dict[str, Any]]:
+    """The preset and the settings the command line gave for ``protocol``; a nested setting (``voc-linear``'s
+    ``recipe``) given in part keeps the preset's other values."""
+    section = given.get(protocol.replace("-", "_"))
+    changed = section.as_dict() if section is not None else {}
+    preset = changed.pop("preset", None)
+    for name, value in changed.items():
+        if isinstance(value, dict):
+            changed[name] = _merged(protocol, preset, name, value)
+    return preset, changed
+
+
+def _merged(protocol: str, preset: str | None, name: str, values: dict[str, Any]) -> Any:
+    """The preset's ``name`` setting (a dataclass) with ``values`` replacing some of its fields; a value the
+    dataclass refuses is a ``ValueError`` of the evaluation's (exit code 1), as for every other setting."""
+    from ssl_modules.evaluation import resolve_settings
+
+    return dataclasses.replace(getattr(resolve_settings(protocol, preset, None), name), **values)
 
 
 def check_command_line(kwargs: dict[str, Any]) -> None:
-    """A :class:`UsageError` for what the command line alone shows wrong: an unknown protocol, preset or setting
-    (``api.check_settings``), a protocol without the data root it reads (``api.check_roots_given``). Checked
-    before the model is loaded, so that a typo costs nothing and exits 2 (a failure while evaluating exits 1)."""
+    """A :class:`~ssl_modules.cli._errors.CommandLineError` for what the command line alone shows wrong: an unknown
+    preset or setting (``api.check_settings``), a protocol without the data root it reads
+    (``api.check_roots_given``). Checked before the model is loaded, so that a typo costs nothing and exits 2 (a
+    failure while evaluating exits 1)."""
     from ssl_modules.evaluation.api import check_roots_given, check_settings
 
     presets, overrides = kwargs["presets"], kwargs["overrides"]
@@ -129,26 +150,7 @@ def check_command_line(kwargs: dict[str, Any]) -> None:
             check_settings(protocol, presets.get(protocol), overrides.get(protocol))
         check_roots_given(kwargs["protocols"], kwargs["imagenet"], kwargs["voc"])
     except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def parse(argv: list[str]) -> dict[str, Any]:
-    """``evaluate``'s keyword arguments from the command line; a :class:`UsageError` when it is wrong."""
-    args = build_parser().parse_args(argv)
-    overrides: dict[str, dict[str, Any]] = {}
-    for key, value in _pairs(args.overrides, "--set"):
-        protocol, dot, name = key.partition(".")
-        if not dot:
-            raise UsageError(f"--set {key}=... must name the protocol, e.g. linear.epochs=10")
-        overrides.setdefault(protocol, {})[name] = _value(value)
-    return dict(model=args.model, protocols=args.protocols, imagenet=args.imagenet, voc=args.voc,
-                voc_classes=args.voc_classes,
-                presets=dict(_pairs(args.preset, "--preset")), overrides=overrides, official=args.official,
-                teacher=not args.student, precision=args.precision, device=args.device, batch_size=args.batch_size,
-                num_workers=args.num_workers, output=args.output, cache_dir=args.cache_dir,
-                show_progress=not args.no_progress,
-                timm_kwargs={k: _value(v) for k, v in _pairs(args.timm_kwarg, "--timm-kwarg")},
-                trust_checkpoint=args.trust_checkpoint)
+        raise CommandLineError(f"error: {error} (python -m ssl_modules evaluate --help lists the options)") from None
 
 
 def _init_distributed() -> None:
@@ -165,35 +167,25 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
-def _parse_command_line(argv: list[str]) -> dict[str, Any] | int:
-    """The keyword arguments of ``evaluate``, or exit code 2 after one line on stderr for a bad command line
-    (``--help`` exits 0 through ``SystemExit``, as argparse does)."""
-    try:
-        kwargs = parse(argv)
-        check_command_line(kwargs)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    return kwargs
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``evaluate``; prints the table and returns the exit status: 0 on success, 1 when the evaluation fails
-    (missing or unreadable data, model or checkpoint), 2 for a bad command line (``docs/failures.md``)."""
-    kwargs = _parse_command_line(sys.argv[1:] if argv is None else list(argv))
-    if isinstance(kwargs, int):
-        return kwargs
+def _evaluate(argv: list[str]) -> int:
+    kwargs = parse(argv)
+    check_command_line(kwargs)
     from ssl_modules.evaluation.api import evaluate
+    from ssl_modules.run import distributed
 
     _init_distributed()
     try:
         report = evaluate(**kwargs)
     except ValueError as error:  # EvalDataError, ModelSourceError, CheckpointFileError and the checks of the API
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    from ssl_modules.run import distributed
-
+        raise RunError(str(error)) from error
     if distributed.rank() == 0:
         print(report.table())
         print(f"\nwritten: {kwargs['output']}/evaluation.json and evaluation.txt")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``evaluate``; prints the table and returns the exit status: 0 on success, 1 when the evaluation fails
+    (missing or unreadable data, model or checkpoint), 2 for a bad command line (``docs/failures.md``).
+    ``--help`` and ``--print_config`` end with ``SystemExit(0)``."""
+    return exit_code(lambda: _evaluate(sys.argv[1:] if argv is None else list(argv)))

@@ -5,8 +5,9 @@ Protocols: ``knn`` (DINO), ``linear`` (DINO / BAM / VICRegL recipes), ``voc-line
 ``hummingbird`` (open-hummingbird-eval). Features are float32 by default, extracted once per evaluation and
 shared between protocols; under ``torch.distributed`` the results equal a one-process run.
 
-Names are imported on first use, so that ``ssl_modules.evaluation.search`` (used by the online probes)
-does not pull in the data sets and protocols.
+The modules of the evaluation core are shared with the online probes of ``callbacks`` (the probes are a
+second front end of the same extraction, search, votes, retrieval, metrics and head training). Names are
+imported on first use, so that importing one core module does not pull in every protocol.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from typing import Any
 
 _EXPORTS = {
     "evaluate": "api", "PROTOCOLS": "api", "PRESETS": "api", "EvaluationReport": "api", "ProtocolResult": "api",
-    "resolve_settings": "api", "EvalDataError": "datasets", "HummingbirdSettings": "hummingbird",
+    "resolve_settings": "api", "check_data": "api", "EvalDataError": "checks", "HummingbirdSettings": "hummingbird",
     "KNNSettings": "knn", "knn_classify": "knn", "LinearSettings": "linear", "hungarian_assignment": "metrics",
     "hungarian_miou": "metrics", "VOCLinearSettings": "voc_linear",
-    "ModelSourceError": "ssl_modules.checkpoints.sources", "load_backbone": "ssl_modules.checkpoints.sources",
+    "ModelSourceError": "ssl_modules.evaluation.sources", "load_backbone": "ssl_modules.evaluation.sources",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,17 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_modules.run import distributed
-
-from ssl_modules.evaluation.datasets import check_dataset, imagenet_split, voc_split
+from ssl_modules.evaluation.sources import describe_source, load_backbone
+from ssl_modules.evaluation.checks import check_dataset
+from ssl_modules.evaluation.datasets import imagenet_split, voc_split
 from ssl_modules.evaluation.features import Extractor, FeatureCache
 from ssl_modules.evaluation.hummingbird import HummingbirdSettings, run_hummingbird
 from ssl_modules.evaluation.knn import KNNSettings, run_knn
 from ssl_modules.evaluation.linear import LINEAR_PRESETS, linear_preset, run_linear
-from ssl_modules.checkpoints.sources import describe_source, load_backbone
 from ssl_modules.evaluation.voc_linear import VOC_LINEAR_PRESETS, run_voc_linear
+from ssl_modules.run import distributed
 
-__all__ = ["PROTOCOLS", "PRESETS", "ProtocolResult", "EvaluationReport", "evaluate", "resolve_settings"]
+__all__ = ["PROTOCOLS", "PRESETS", "DATA_KIND", "ProtocolResult", "EvaluationReport", "evaluate", "resolve_settings",
+           "check_settings", "check_roots_given", "check_data"]
 
 PROTOCOLS = ("knn", "linear", "voc-linear", "hummingbird")
 # protocol -> preset -> (paper table it reproduces). The first preset is the default.
@@ -143,8 +144,9 @@ def check_roots_given(protocols: Sequence[str], imagenet: str | None, voc: str |
                              f"root: pass {flag} <folder> (imagenet=/voc= in Python)")
 
 
-def _check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
-    """Every data set the protocols will read exists in its layout and its first item reads."""
+def check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
+    """An ``EvalDataError`` naming the problem unless every data set the protocols will read exists in its
+    layout, is not empty, its first item reads and its masks have their images' sizes (``check_dataset``)."""
     check_roots_given(protocols, imagenet, voc)
     for protocol in protocols:
         kind = DATA_KIND[protocol]
@@ -217,7 +219,7 @@ def evaluate(
     backbone = load_backbone(model, official=official, teacher=teacher, trust_checkpoint=trust_checkpoint,
                              **(timm_kwargs or {}))
     settings = {p: resolve_settings(p, presets.get(p), backbone, overrides.get(p)) for p in protocols}
-    _check_data(protocols, imagenet, voc, voc_classes)
+    check_data(protocols, imagenet, voc, voc_classes)
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     was_training = backbone.training

@@ -1,78 +1,64 @@
 """The data sets of the protocols, read from the real layouts (ImageNet class folders, Pascal VOC).
 
 Items are ``(float image, target)``; random transforms take the pass number and the dataset index, so the
-augmentation of an image does not depend on how the set is split between processes or workers.
+augmentation of an image does not depend on how the set is split between processes or workers. Reading
+follows the evaluation rule of ``datamodules.datasets`` (the probes' data sets use it too): an unreadable
+image or mask raises ``UnreadableImageError`` naming the file; a mask of another size than its image or with
+values that are not class indices raises a ``MaskFormatError`` naming it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from datamodules.base import require_dir
+from datamodules.datasets import ImageFiles, SegmentationPairs
 from datamodules.imagenet import LAYOUT as IMAGENET_LAYOUT
 from datamodules.imagenet import class_folders, labelled_images
-from datamodules.reading import read_image, read_mask
+from ssl_modules.evaluation.checks import EvalDataError, check_dataset
 
 __all__ = ["EvalDataError", "ClassificationFolder", "SegmentationFiles", "imagenet_split", "voc_split",
            "check_dataset"]
 
-IGNORE = 255
 
-
-class EvalDataError(ValueError):
-    """An evaluation data set is missing, empty or unreadable; the message names the path and the layout."""
-
-
-class ClassificationFolder(Dataset):
+class ClassificationFolder(ImageFiles):
     """``(transform(image, index), label)`` of labelled image files."""
 
     def __init__(self, files: list[Path], labels: list[int], num_classes: int,
                  transform: Callable[[Tensor, int], Tensor]) -> None:
-        self.files, self.labels, self.num_classes, self.transform = files, labels, num_classes, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
+        super().__init__(files, labels, unreadable="error")
+        self.num_classes, self.indexed_transform = num_classes, transform
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(read_image(self.files[index]), index), self.labels[index]
+        image, _ = self._decode_item(index)
+        return self.indexed_transform(image, index), self.labels[index]
 
     def with_transform(self, transform: Callable[[Tensor, int], Tensor]) -> ClassificationFolder:
         return ClassificationFolder(self.files, self.labels, self.num_classes, transform)
 
 
-class SegmentationFiles(Dataset):
+class SegmentationFiles(SegmentationPairs):
     """``transform(image, mask, index) -> (float image, long mask)`` of image/mask files (255 = ignore)."""
+
+    unknown_values_fix = "masks must hold class indices"
 
     def __init__(self, images: list[Path], masks: list[Path], num_classes: int,
                  transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> None:
-        self.images, self.masks, self.num_classes, self.transform = images, masks, num_classes, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, index: int) -> tuple[Tensor, Tensor]:
-        """The raw uint8 image and mask, checked to have the same size and only known values."""
-        image, mask = read_image(self.images[index]), read_mask(self.masks[index])
-        if tuple(image.shape[-2:]) != tuple(mask.shape):
-            raise EvalDataError(f"{self.masks[index]} is {tuple(mask.shape)} but its image {self.images[index]} "
-                                f"is {tuple(image.shape[-2:])}; masks must have their image's size")
-        unknown = (mask >= self.num_classes) & (mask != IGNORE)
-        if bool(unknown.any()):
-            raise EvalDataError(f"{self.masks[index]} holds values {sorted(set(mask[unknown].tolist()))[:5]} outside "
-                                f"0..{self.num_classes - 1} and 255; masks must hold class indices")
-        return image, mask
+        super().__init__(images, masks, _no_transform, num_classes)
+        self.indexed_transform = transform
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, mask = self.read(index)
-        image, mask = self.transform(image, mask, index)
+        image, mask = self.indexed_transform(*self.read(index), index)
         return image, mask.long()
 
     def with_transform(self, transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> SegmentationFiles:
-        return SegmentationFiles(self.images, self.masks, self.num_classes, transform)
+        return SegmentationFiles(self.files, self.masks, self.num_classes, transform)
+
+
+def _no_transform(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    return image, mask
 
 
 def imagenet_split(root: str | Path, split: str, transform: Callable[[Tensor, int], Tensor]) -> ClassificationFolder:
@@ -87,6 +73,8 @@ def imagenet_split(root: str | Path, split: str, transform: Callable[[Tensor, in
         raise
     except (OSError, ValueError) as error:
         raise EvalDataError(str(error)) from error
+    if not images.files:
+        raise EvalDataError(f"{root / split} is empty")
     return ClassificationFolder(list(images.files), list(images.labels), len(classes), transform)
 
 
@@ -101,22 +89,6 @@ def voc_split(root: str | Path, split: str, transform: Callable[[Tensor, Tensor,
         images, masks = data.segmentation_pairs(split)
     except (OSError, ValueError) as error:
         raise EvalDataError(str(error)) from error
+    if not images:
+        raise EvalDataError(f"the VOC {split} split of {root} is empty")
     return SegmentationFiles(list(images), list(masks), num_classes, transform)
-
-
-def check_dataset(dataset: Dataset, what: str) -> None:
-    """A clear error now, rather than after minutes of feature extraction: the set is not empty and its
-    first item reads (masks of the right size and values)."""
-    if len(dataset) == 0:
-        raise EvalDataError(f"{what} is empty")
-    try:
-        dataset[0]
-    except EvalDataError:
-        raise
-    except Exception as error:  # noqa: BLE001  (any decoding failure is reported with the set's name)
-        raise EvalDataError(f"{what}: reading its first item failed: {error}") from error
-
-
-def class_counts(labels: Tensor, num_classes: int) -> Tensor:
-    """Images per class."""
-    return torch.bincount(labels.long(), minlength=num_classes)

@@ -1,15 +1,14 @@
-"""Feature extraction shared by the protocols: sharded between processes, gathered in dataset order,
-float32 unless told otherwise, with a progress bar, and cached so that protocols reading the same
-features (e.g. ``knn`` and ``linear``'s validation set) embed once.
-
-Processes split a set by whole batches (batch ``b`` goes to process ``b % world``), so every batch holds
-the same images as in a one-process run and the gathered features are the same bits.
+"""Feature extraction shared by the protocols and the online probes: sharded between processes by whole batches
+(``ssl_modules.evaluation.batches``), gathered in dataset order, float32, with a progress bar; ``Extractor`` adds
+the protocols' frozen backbone, precision and a cache, so that protocols reading the same features (e.g.
+``knn`` and ``linear``'s validation set) embed once.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,38 +17,72 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_modules.run import distributed
+from ssl_modules.evaluation.batches import batch_chunks, shard_batches, sharded_loader
 from ssl_modules.networks.backbones import Backbone, Features
+from ssl_modules.run import distributed
 from ssl_modules.run.distributed import gather_in_index_order
 
-__all__ = ["Extractor", "FeatureCache", "batches_of", "global_vector", "dense_map", "progress"]
+__all__ = ["Extractor", "FeatureCache", "FeatureSelector", "global_vector", "dense_map", "progress", "extract_shard"]
 
-Selector = Callable[[Features], Tensor]
+#: which features of a batch to keep: ``Features -> Tensor``
+FeatureSelector = Callable[[Features], Tensor]
+#: ``(iterable, total) -> iterable``, e.g. wrapped in a progress bar
+Progress = Callable[[Iterable[Any], int], Iterable[Any]]
 
 
 def global_vector(features: Features) -> Tensor:
-    """The pooled vector ``(B, C)`` (CLS token for ViTs, pooled map for CNNs)."""
+    """The pooled vectors ``(B, C)`` in float32 (CLS token for ViTs, pooled map for CNNs)."""
     return features.global_.float()
 
 
 def dense_map(features: Features) -> Tensor:
-    """The dense features as maps ``(B, C, h, w)``."""
+    """The dense features as contiguous maps ``(B, C, h, w)`` in float32 (tokens are row-major, ``N = h * w``).
+
+    Contiguous on purpose: the transposed view would be channels-last, and convolutions and BatchNorm sum
+    in another order on that layout, so heads trained on gathered (contiguous) features would differ.
+    """
     batch, tokens, channels = features.dense.shape
-    return features.dense.float().transpose(1, 2).reshape(batch, channels, *features.grid).contiguous()
+    height, width = features.grid
+    if height * width != tokens:
+        raise ValueError(f"the backbone returned {tokens} dense tokens for a grid {features.grid}; they must match")
+    return features.dense.float().transpose(1, 2).reshape(batch, channels, height, width).contiguous()
 
 
-def batches_of(count: int, batch_size: int) -> list[list[int]]:
-    """``range(count)`` cut in order into batches of ``batch_size``."""
-    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+def progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool = True,
+             position: int | None = None) -> Iterable[Any]:
+    """A transient tqdm bar over ``iterable`` on process 0 when ``enabled``, else the iterable itself.
 
-
-def progress(iterable: Any, total: int | None, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on process 0 when ``enabled``, else the iterable itself."""
+    ``position`` puts the bar on that line, below another one (a Lightning trainer's bar, which writes to
+    stdout; the bar then does too).
+    """
     if not enabled or distributed.rank() != 0:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    placement = {} if position is None else {"position": position, "file": sys.stdout}
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, **placement)
+
+
+@torch.no_grad()
+def extract_shard(embed: Callable[[Tensor], Features], dataset: Dataset, chunks: Sequence[list[int]],
+                  select: FeatureSelector, device: torch.device, num_workers: int = 0,
+                  pin_memory: bool | None = None, bar: Progress | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Features, targets and dataset indices of this process's batches ``chunks[rank::world_size]``, on ``device``.
+
+    A process without a batch returns zero rows of the right shapes (it embeds the first image of ``chunks``
+    to learn them), so that gathering works on every process.
+    """
+    mine = shard_batches(chunks)
+    batches = mine or [chunks[0][:1]]
+    loader = sharded_loader(dataset, batches, num_workers, pin_memory=pin_memory)
+    features, targets = [], []
+    for images, target in (bar(loader, len(batches)) if bar is not None else loader):
+        features.append(select(embed(images)))
+        targets.append(torch.as_tensor(target).to(device))
+    index = torch.tensor([i for batch in batches for i in batch], dtype=torch.long, device=device)
+    if not mine:
+        return features[0][:0], targets[0][:0], index[:0]
+    return torch.cat(features), torch.cat(targets), index
 
 
 @dataclass
@@ -132,14 +165,18 @@ class Extractor:
             return self.backbone(images.to(self.device, non_blocking=True))
 
     def loader(self, dataset: Dataset, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda")
+        """A loader of exactly ``batches`` (lists of dataset indices), in order."""
+        return sharded_loader(dataset, batches, self.num_workers, pin_memory=self.device.type == "cuda")
 
     def my_batches(self, count: int) -> list[list[int]]:
         """This process's batches of a set of ``count`` items."""
-        return batches_of(count, self.batch_size)[distributed.rank():: distributed.world_size()]
+        return shard_batches(batch_chunks(range(count), self.batch_size))
 
-    def extract(self, dataset: Dataset, select: Selector, key: str | None = None,
+    def progress(self, iterable: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
+        """``iterable`` in a bar on process 0 when the extractor shows progress."""
+        return progress(iterable, total, desc, self.show_progress)
+
+    def extract(self, dataset: Dataset, select: FeatureSelector, key: str | None = None,
                 desc: str = "features") -> tuple[Tensor, Tensor]:
         """``(features, targets)`` of the whole set on every process, in dataset order (cached by ``key``)."""
         def compute() -> tuple[Tensor, Tensor]:
@@ -148,18 +185,9 @@ class Extractor:
             return compute()
         return self.cache.get(key, compute, self.fingerprint)
 
-    def _extract(self, dataset: Dataset, select: Selector, desc: str) -> tuple[Tensor, Tensor]:
-        batches = self.my_batches(len(dataset))
-        rows, targets, index = [], [], []
-        for batch, (images, target) in zip(batches, progress(self.loader(dataset, batches or [[0]]),
-                                                               len(batches), desc, self.show_progress)):
-            rows.append(select(self.embed(images)).float())
-            targets.append(torch.as_tensor(target).to(self.device))
-            index.append(torch.tensor(batch, dtype=torch.long, device=self.device))
-        if not batches:  # more processes than batches: learn the shapes from one image, contribute no rows
-            images, target = next(iter(self.loader(dataset, [[0]])))
-            rows = [select(self.embed(images)).float()[:0]]
-            targets = [torch.as_tensor(target).to(self.device)[:0]]
-            index = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        _, features, labels = gather_in_index_order(torch.cat(index), torch.cat(rows), torch.cat(targets))
+    def _extract(self, dataset: Dataset, select: FeatureSelector, desc: str) -> tuple[Tensor, Tensor]:
+        rows, targets, index = extract_shard(self.embed, dataset, batch_chunks(range(len(dataset)), self.batch_size),
+                                             select, self.device, self.num_workers, self.device.type == "cuda",
+                                             lambda loader, total: self.progress(loader, total, desc))
+        _, features, labels = gather_in_index_order(index, rows, targets)
         return features, labels

@@ -1,4 +1,5 @@
-"""``knn``: DINO's weighted k-NN classification (``eval_knn.py``'s ``knn_classifier``).
+"""``knn``: DINO's weighted k-NN classification (``eval_knn.py``'s ``knn_classifier``); its vote
+(``weighted_knn_scores``) is also ``KNNProbe``'s.
 
 The whole training set is the bank; bank and queries are l2-normalised float32 global features; each query's
 ``k`` most cosine-similar bank images vote for their class with weight ``exp(sim / T)``; classes are ranked by
@@ -12,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_modules.run import distributed
-
 from ssl_modules.evaluation.datasets import imagenet_split
 from ssl_modules.evaluation.features import Extractor, global_vector
 from ssl_modules.evaluation.transforms import normalise, resize_centre_crop
+from ssl_modules.run import distributed
 
-__all__ = ["KNNSettings", "knn_classify", "run_knn"]
+__all__ = ["KNNSettings", "weighted_knn_scores", "knn_classify", "run_knn", "classification_floors"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,21 @@ class KNNSettings:
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1 or self.temperature <= 0 or self.image_size < 1:
             raise ValueError(f"knn: ks={self.ks} must be >= 1, temperature={self.temperature} > 0")
+
+
+def weighted_knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_classes: int,
+                        temperature: float) -> Tensor:
+    """Class scores ``(Q, num_classes)``: every neighbour votes for its class with weight ``exp(sim / T)``.
+
+    Args:
+        similarities: ``(Q, k)`` cosine similarities of each query's neighbours.
+        neighbour_labels: ``(Q, k)`` their class indices.
+        num_classes: number of classes.
+        temperature: ``T`` of the vote weights (0.07 in DINO).
+    """
+    weights = (similarities.float() / temperature).exp()
+    scores = weights.new_zeros(similarities.shape[0], num_classes)
+    return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 
 def knn_classify(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, num_classes: int,
@@ -52,8 +67,7 @@ def knn_classify(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_label
         targets = query_labels[start:start + chunk].to(neighbours.device).long()
         for k in ks:
             kk = min(k, k_max)
-            weights = (values[:, :kk] / temperature).exp()
-            scores = weights.new_zeros(weights.shape[0], num_classes).scatter_add_(1, labels[:, :kk].long(), weights)
+            scores = weighted_knn_scores(values[:, :kk], labels[:, :kk], num_classes, temperature)
             ranked = scores.sort(dim=1, descending=True).indices
             correct = ranked.eq(targets[:, None])
             counts[k][0] += int(correct[:, :1].sum())

@@ -23,24 +23,28 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from ssl_modules.run import distributed
-from ssl_modules.networks.backbones import Backbone
-
+from ssl_modules.evaluation.batches import global_batches, local_slice
 from ssl_modules.evaluation.datasets import imagenet_split
-from ssl_modules.evaluation.features import Extractor, progress
+from ssl_modules.evaluation.features import Extractor
 from ssl_modules.evaluation.knn import classification_floors
 from ssl_modules.evaluation.training import (
     HeadRecipe,
-    broadcast_parameters_,
-    build_optimizer,
-    global_batches,
-    local_slice,
+    broadcast_module_,
     lr_factor,
     normal_init_,
+    recipe_optimizer,
     set_lr_,
     train_step,
 )
-from ssl_modules.evaluation.transforms import normalise, random_resized_box, resize_centre_crop, sample_generator
+from ssl_modules.evaluation.transforms import (
+    normalise,
+    random_resized_crop_params,
+    resize_centre_crop,
+    sample_generator,
+    uniform_draw,
+)
+from ssl_modules.networks.backbones import Backbone
+from ssl_modules.run import distributed
 
 __all__ = ["LinearSettings", "LINEAR_PRESETS", "linear_preset", "linear_features", "run_linear"]
 
@@ -137,7 +141,8 @@ class LinearHead(nn.Module):
 def _train_transform(size: int, seed: int, epoch: int) -> Callable[[Tensor, int], Tensor]:
     def transform(image: Tensor, index: int) -> Tensor:
         generator = sample_generator(seed, epoch, index)
-        top, left, h, w = random_resized_box(*image.shape[-2:], (0.08, 1.0), (3 / 4, 4 / 3), generator)
+        top, left, h, w = random_resized_crop_params(*image.shape[-2:], (0.08, 1.0), (3 / 4, 4 / 3), generator,
+                                                     uniform_draw)
         crop = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         if float(torch.rand((), generator=generator)) < 0.5:
             crop = TF.horizontal_flip(crop)
@@ -156,14 +161,14 @@ def run_linear(extractor: Extractor, root: str, settings: LinearSettings) -> tup
         dim = feature_fn(train[0][0][None].to(device)).shape[1]
     torch.manual_seed(settings.seed)
     head = LinearHead(dim, train.num_classes, settings.batchnorm).to(device)
-    broadcast_parameters_(head)
+    broadcast_module_(head)
     recipe = settings.recipe()
-    optimizer = build_optimizer(head, recipe)
+    optimizer = recipe_optimizer(head, recipe)
     batch_size = min(settings.batch_size, len(train))
     if batch_size < distributed.world_size():
         raise ValueError(f"a global batch of {batch_size} leaves some of the {distributed.world_size()} processes "
                          "without images; use a batch_size of at least the number of processes")
-    for epoch in progress(range(settings.epochs), settings.epochs, "linear: head training", extractor.show_progress):
+    for epoch in extractor.progress(range(settings.epochs), settings.epochs, "linear: head training"):
         set_lr_(optimizer, lr_factor(recipe, epoch, settings.epochs))
         epoch_set = train.with_transform(_train_transform(settings.image_size, settings.seed, epoch))
         head.train()

@@ -1,29 +1,63 @@
-"""Metrics of the protocols: confusion matrices, mIoU (over all classes or over present ones), mIoU after
-Hungarian matching (open-hummingbird-eval), top-k accuracy; each summed over processes before it is read."""
+"""The metrics of the protocols and the probes, counted with torchmetrics and summed over processes when
+``compute`` is called on every process (integer counts, so the result equals a single-process run).
+
+Counting: ``top_k_accuracies`` (micro top-k accuracy), ``mean_iou`` (torchmetrics' mean IoU over the classes
+present in targets or predictions, the probes' value) and ``confusion_counts`` (the confusion matrix, from
+which the protocols read their float64 mIoU variants: over all classes, over present classes as mmseg,
+after Hungarian matching as open-hummingbird-eval, and the trivial floors). Pixels labelled 255 are ignored.
+"""
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from ssl_modules.run import distributed
+__all__ = ["IGNORE_INDEX", "top_k_accuracies", "mean_iou", "confusion_counts", "update_all", "compute_all",
+           "confusion_matrix", "iou_per_class", "miou_all_classes", "miou_present_classes", "hungarian_assignment",
+           "hungarian_miou", "segmentation_floors"]
 
-__all__ = ["confusion_matrix", "sum_over_processes", "iou_per_class", "miou_all_classes", "miou_present_classes",
-           "hungarian_assignment", "hungarian_miou", "all_background_miou"]
+IGNORE_INDEX = 255
 
-IGNORE = 255
+
+def top_k_accuracies(num_classes: int, device: torch.device, top_k: tuple[int, ...] = (1, 5)) -> dict[str, Metric]:
+    """``{"top1": ..., "top5": ...}`` micro accuracies (k capped at the number of classes)."""
+    return {f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro").to(device)
+            for k in top_k}
+
+
+def mean_iou(num_classes: int, device: torch.device) -> Metric:
+    """Mean IoU over the classes present in the targets or the predictions, pixels labelled 255 ignored."""
+    return MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE_INDEX).to(device)
+
+
+def confusion_counts(num_classes: int, device: torch.device) -> Metric:
+    """The ``(num_classes, num_classes)`` int64 confusion matrix (rows ground truth, columns prediction),
+    pixels labelled 255 ignored; ``compute`` gives the sum over processes."""
+    return MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX).to(device)
+
+
+def update_all(metrics: Mapping[str, Metric], predictions: Tensor, targets: Tensor) -> None:
+    """Update every metric with the same predictions (scores or labels) and targets (skips empty batches)."""
+    if targets.numel() == 0:
+        return
+    targets = targets.long()  # uint8 masks would overflow in the confusion matrix's index arithmetic
+    for metric in metrics.values():
+        metric.update(predictions, targets)
+
+
+def compute_all(metrics: Mapping[str, Metric]) -> dict[str, float]:
+    """``compute`` every metric (all processes must call this together) as Python floats."""
+    return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
 def confusion_matrix(targets: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
-    """``(num_classes, num_classes)`` int64 counts, rows = ground truth, columns = prediction; 255 ignored."""
-    targets, predictions = targets.reshape(-1).long(), predictions.reshape(-1).long()
-    keep = targets != IGNORE
-    pairs = targets[keep] * num_classes + predictions[keep]
-    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def sum_over_processes(counts: Tensor) -> Tensor:
-    """Integer counts summed over every process (exact: the one-process value)."""
-    return distributed.all_reduce(counts.clone(), "sum") if distributed.is_distributed() else counts
+    """The confusion matrix of one set of labels (this process only), as ``confusion_counts`` counts it."""
+    return multiclass_confusion_matrix(predictions.reshape(-1).long(), targets.reshape(-1).long(), num_classes,
+                                       ignore_index=IGNORE_INDEX)
 
 
 def iou_per_class(confusion: Tensor) -> Tensor:
@@ -100,8 +134,10 @@ def hungarian_miou(confusion: Tensor) -> tuple[float, list[int]]:
     return miou_all_classes(remapped), match
 
 
-def all_background_miou(confusion: Tensor, background: int = 0) -> float:
-    """The mIoU (over all classes) of predicting ``background`` everywhere: the trivial floor."""
+def segmentation_floors(confusion: Tensor) -> dict[str, float]:
+    """mIoU (over all classes) of predicting background everywhere, and of predicting the most frequent
+    class everywhere (the best a one-class answer gets after Hungarian matching)."""
     counts = confusion.sum(1).double()
-    total = counts.sum()
-    return float((counts[background] / total.clamp(min=1)) / confusion.shape[0]) if total > 0 else 0.0
+    fractions = counts / counts.sum().clamp(min=1)
+    classes = confusion.shape[0]
+    return {"all_background_miou": float(fractions[0] / classes), "one_class_miou": float(fractions.max() / classes)}

@@ -1,5 +1,6 @@
-"""Training a head on a frozen backbone, shared by ``linear`` and ``voc-linear``: the optimizers and LR
-schedules of the papers' recipes, seeded global batches split between processes, gradients summed over them.
+"""Training a head on frozen features, shared by the protocols (``linear``, ``voc-linear``) and the online probes:
+the head optimizers, the LR schedules of the papers' recipes, seeded head initialisation, gradients summed
+over processes and the final head broadcast from process 0 (seeded global batches: ``batches``).
 
 Under DDP every process computes the loss of its slice of each global batch, divided by the global batch
 size, and the gradients are summed: the update is the one-process update (up to float summation order;
@@ -10,14 +11,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ssl_modules.run import distributed
 
-__all__ = ["HeadRecipe", "build_optimizer", "lr_factor", "global_batches", "local_slice", "sum_gradients_",
-           "broadcast_parameters_"]
+__all__ = ["HEAD_OPTIMIZERS", "HeadRecipe", "head_optimizer", "recipe_optimizer", "lr_factor", "set_lr_",
+           "sum_gradients_", "broadcast_module_", "normal_init_", "seeded_head", "train_step"]
+
+HEAD_OPTIMIZERS = ("sgd", "adam", "adamw")
+Head = TypeVar("Head", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class HeadRecipe:
     warmup_ratio: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam", "adamw"):
+        if self.optimizer not in HEAD_OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r}; use 'sgd', 'adam' or 'adamw'")
         if self.schedule not in ("cosine", "poly"):
             raise ValueError(f"schedule={self.schedule!r}; use 'cosine' or 'poly'")
@@ -54,14 +59,22 @@ class HeadRecipe:
                              f"warmup_steps={self.warmup_steps} >= 0")
 
 
-def build_optimizer(head: nn.Module, recipe: HeadRecipe) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the head's parameters."""
+def head_optimizer(head: nn.Module, name: str, lr: float, weight_decay: float,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``), Adam (L2 weight decay, as mmseg's) or AdamW over the head's trainable parameters."""
     parameters = [p for p in head.parameters() if p.requires_grad]
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r}; use one of {', '.join(HEAD_OPTIMIZERS)}")
+
+
+def recipe_optimizer(head: nn.Module, recipe: HeadRecipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the head's parameters (SGD with momentum 0.9)."""
+    return head_optimizer(head, recipe.optimizer, recipe.lr, recipe.weight_decay)
 
 
 def lr_factor(recipe: HeadRecipe, progress_step: int, total: int) -> float:
@@ -80,30 +93,26 @@ def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def global_batches(size: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[list[int]]:
-    """Seeded shuffled global batches of ``range(size)`` for one epoch."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, size, batch_size)]
-    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
-def local_slice(batch: list[int]) -> list[int]:
-    """This process's contiguous part of a global batch."""
-    rank, world = distributed.rank(), distributed.world_size()
-    bounds = [round(len(batch) * r / world) for r in range(world + 1)]
-    return batch[bounds[rank]:bounds[rank + 1]]
-
-
 def sum_gradients_(module: nn.Module) -> None:
     """Sum every gradient over processes (no-op without DDP)."""
     distributed.sum_([parameter.grad for parameter in module.parameters() if parameter.grad is not None])
 
 
-def broadcast_parameters_(module: nn.Module) -> None:
-    """Process 0's parameters and buffers on every process (no-op without DDP)."""
-    distributed.broadcast_([tensor.data for tensor in [*module.parameters(), *module.buffers()]])
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, source: int = 0) -> None:
+    """Copy ``source``'s parameters and buffers into every process's ``module`` (no-op when not distributed).
+
+    Identical updates on every process already give identical heads; this removes the last bits of difference
+    that non-deterministic kernels (e.g. CUDA's bilinear upsampling backward) could leave.
+    """
+    distributed.broadcast_([tensor.data for tensor in [*module.parameters(), *module.buffers()]], source)
+
+
+def seeded_head(build: Callable[[torch.Generator], Head], seed: int, device: torch.device) -> Head:
+    """``build(generator)`` with a generator seeded by ``seed``, on ``device``; the layers' default
+    initialisation runs under a forked RNG, so that the global random generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return build(torch.Generator().manual_seed(seed)).to(device)
 
 
 def normal_init_(layer: nn.Module, std: float = 0.01) -> nn.Module:

@@ -1,21 +1,25 @@
 """Image transforms of the evaluation protocols, as the reference code applies them.
 
 Every random transform draws from a generator seeded by ``(seed, pass, dataset index)``, so an image gets
-the same augmentation whatever the number of processes or loader workers.
+the same augmentation whatever the number of processes or loader workers. The geometry shared with the
+probes and the training views comes from ``datamodules``: DINO's resize and centre crop
+(``resize_centre_crop``) and RandomResizedCrop's box (``random_resized_crop_params``, here with float64
+uniform draws). Normalisation is torchvision's ``normalize`` of ``[0, 1]`` floats, as the reference code.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "OPEN_HB_STD", "normalise", "resize_centre_crop", "squash",
-           "sample_generator", "random_resized_box", "hummingbird_memory_augment", "keep_ratio_resize"]
+from datamodules.transforms import resize_centre_crop
+from datamodules.views import random_resized_crop_params
+from ssl_modules.contracts import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "OPEN_HB_STD", "normalise", "resize_centre_crop", "squash",
+           "sample_generator", "uniform_draw", "random_resized_crop_params", "hummingbird_memory_augment",
+           "keep_ratio_resize"]
+
 # open-hummingbird-eval's transforms use 0.255 for the blue channel (hbird/utils/transforms.py), a typo kept
 # only by ``std="open-hb"``.
 OPEN_HB_STD = (0.229, 0.224, 0.255)
@@ -24,13 +28,6 @@ OPEN_HB_STD = (0.229, 0.224, 0.255)
 def normalise(image: Tensor, std: tuple[float, float, float] = IMAGENET_STD) -> Tensor:
     """uint8 ``(3, H, W)`` -> float normalised with the ImageNet mean and ``std``."""
     return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, std)
-
-
-def resize_centre_crop(image: Tensor, size: int) -> Tensor:
-    """DINO's evaluation transform: shorter side to ``size * 256 / 224`` (bicubic), centre crop ``size``."""
-    resized = TF.resize(image, [int(round(size * 256 / 224))], interpolation=TF.InterpolationMode.BICUBIC,
-                        antialias=True)
-    return TF.center_crop(resized, [size, size])
 
 
 def squash(image: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -50,33 +47,9 @@ def sample_generator(seed: int, pass_number: int, index: int) -> torch.Generator
     return torch.Generator().manual_seed((seed * 1_000_003 + pass_number) * 1_000_003 + index)
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+def uniform_draw(low: float, high: float, generator: torch.Generator | None) -> float:
+    """One uniform draw in ``[low, high)``, the float32 sample scaled in float64 (the protocols' draws)."""
     return low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                       generator: torch.Generator) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of torchvision's ``RandomResizedCrop``: 10 tries of a random area fraction and
-    log-uniform aspect ratio, then the centre crop of the whole image with the ratio clamped."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def hummingbird_memory_augment(image: Tensor, mask: Tensor, size: int, generator: torch.Generator,
@@ -85,7 +58,7 @@ def hummingbird_memory_augment(image: Tensor, mask: Tensor, size: int, generator
     """open-hummingbird-eval's memory augmentation: a shared ``RandomResizedCrop(size, scale=(0.5, 2.0))`` of
     image and mask (areas above the image fall back to the whole image), then brightness, contrast,
     saturation and hue jitter of 0.1, each applied with probability 0.5, on the image only; no flip."""
-    top, left, h, w = random_resized_box(*image.shape[-2:], scale, (3 / 4, 4 / 3), generator)
+    top, left, h, w = random_resized_crop_params(*image.shape[-2:], scale, (3 / 4, 4 / 3), generator, uniform_draw)
     image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
     mask = TF.resized_crop(mask[None], top, left, h, w, [size, size],
                            interpolation=TF.InterpolationMode.NEAREST)[0]
@@ -93,5 +66,5 @@ def hummingbird_memory_augment(image: Tensor, mask: Tensor, size: int, generator
                    (TF.adjust_saturation, 1 - jitter, 1 + jitter), (TF.adjust_hue, -jitter, jitter))
     for adjust, low, high in adjustments:
         if float(torch.rand((), generator=generator)) < jitter_p:
-            image = adjust(image, _uniform(generator, low, high))
+            image = adjust(image, uniform_draw(low, high, generator))
     return image, mask

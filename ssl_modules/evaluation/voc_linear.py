@@ -26,24 +26,28 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from ssl_modules.run import distributed
-
+from ssl_modules.evaluation.batches import global_batches, local_slice
 from ssl_modules.evaluation.datasets import SegmentationFiles, voc_split
-from ssl_modules.evaluation.features import Extractor, dense_map, progress
-from ssl_modules.evaluation.hummingbird import segmentation_floors
-from ssl_modules.evaluation.metrics import confusion_matrix, miou_all_classes, miou_present_classes, sum_over_processes
+from ssl_modules.evaluation.features import Extractor, dense_map
+from ssl_modules.evaluation.metrics import (
+    confusion_counts,
+    miou_all_classes,
+    miou_present_classes,
+    segmentation_floors,
+    update_all,
+)
+from ssl_modules.evaluation.retrieval import upsample_logits
 from ssl_modules.evaluation.training import (
     HeadRecipe,
-    broadcast_parameters_,
-    build_optimizer,
-    global_batches,
-    local_slice,
+    broadcast_module_,
     lr_factor,
     normal_init_,
+    recipe_optimizer,
     set_lr_,
     train_step,
 )
 from ssl_modules.evaluation.transforms import IMAGENET_MEAN, IMAGENET_STD, keep_ratio_resize, sample_generator
+from ssl_modules.run import distributed
 
 __all__ = ["VOCLinearSettings", "VOC_LINEAR_PRESETS", "SegmentationHead", "sliding_window_logits", "run_voc_linear"]
 
@@ -158,14 +162,13 @@ def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings
         channels = dense_map(extractor.embed(train[0][0][None])).shape[1]
     torch.manual_seed(settings.seed)
     head = SegmentationHead(channels, settings.num_classes, settings.batchnorm).to(device)
-    broadcast_parameters_(head)
-    optimizer = build_optimizer(head, settings.recipe)
+    broadcast_module_(head)
+    optimizer = recipe_optimizer(head, settings.recipe)
     batch_size = min(settings.batch_size, len(train))
     if batch_size < distributed.world_size():
         raise ValueError(f"a global batch of {batch_size} leaves some of the {distributed.world_size()} processes "
                          "without images; use a batch_size of at least the number of processes")
-    bar = progress(range(settings.iterations), settings.iterations, "voc-linear: head training",
-                   extractor.show_progress)
+    bar = extractor.progress(range(settings.iterations), settings.iterations, "voc-linear: head training")
     steps, epoch = iter(bar), 0
     step = next(steps, None)
     while step is not None:  # one loader per pass over the training set; augmentation seeded by (pass, image)
@@ -194,31 +197,29 @@ def _labelled(masks: Tensor, global_batch: int) -> int:
 
 
 def _pixel_loss(head: nn.Module, maps: Tensor, masks: Tensor) -> Tensor:
-    logits = F.interpolate(head(maps), size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
+    logits = upsample_logits(head(maps), masks.shape[-2:])
     return F.cross_entropy(logits, masks.long(), ignore_index=255, reduction="sum")
 
 
 @torch.no_grad()
 def _score(extractor: Extractor, head: nn.Module, val: SegmentationFiles, settings: VOCLinearSettings
            ) -> tuple[dict[str, float], dict[str, float]]:
-    confusion = torch.zeros(settings.num_classes, settings.num_classes, dtype=torch.long, device=extractor.device)
+    counts = confusion_counts(settings.num_classes, extractor.device)
 
     def predict(windows: Tensor) -> Tensor:
-        maps = dense_map(extractor.embed(windows)).float()
-        return F.interpolate(head(maps), size=tuple(windows.shape[-2:]), mode="bilinear", align_corners=False)
+        return upsample_logits(head(dense_map(extractor.embed(windows)).float()), windows.shape[-2:])
 
     mine = list(range(len(val)))[distributed.rank():: distributed.world_size()]
-    for index in progress(mine, len(mine), "voc-linear: validation", extractor.show_progress):
+    for index in extractor.progress(mine, len(mine), "voc-linear: validation"):
         image, mask = val.read(index)
         resized = _normalise(keep_ratio_resize(image, settings.crop_size), settings.pixel_norm).to(extractor.device)
         logits = sliding_window_logits(predict, resized, settings.crop_size, settings.stride, settings.num_classes)
-        logits = F.interpolate(logits[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0]
-        confusion += confusion_matrix(mask.to(extractor.device), logits.argmax(0), settings.num_classes)
-    confusion = sum_over_processes(confusion)
+        logits = upsample_logits(logits[None], mask.shape)[0]
+        update_all({"confusion": counts}, logits.argmax(0), mask.to(extractor.device))
+    confusion = counts.compute()
     metrics = {"miou": miou_present_classes(confusion), "miou_all_classes": miou_all_classes(confusion)}
     floors = segmentation_floors(confusion)
     in_targets = confusion.sum(1) > 0
     present = int(in_targets.sum()) + (0 if bool(in_targets[0]) else 1)  # predicting 0 adds background
     floors["all_background_miou_present"] = floors["all_background_miou"] * settings.num_classes / present
     return metrics, floors
-

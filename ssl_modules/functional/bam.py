@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_bool_mask
-from ._precision import full_precision
+from .precision import full_precision
 
 __all__ = [
     "bam_positive_mask",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_bool_mask
-from ._precision import full_precision
+from .precision import full_precision
 
 __all__ = [
     "joint_space_clustering",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._precision import full_precision
+from .precision import full_precision
 
 __all__ = [
     "vicreg_loss",

@@ -254,7 +254,7 @@ class BAM(TeacherEMA, SSLModule):
         follow its balanced target, and is the target spread over the batch rather than collapsed?"""
         from ssl_modules.functional import bam_loss as full_batch_loss
         from ssl_modules.functional import bam_positive_mask
-        from ssl_modules._drawing import attention_picture
+        from ssl_modules.drawing import attention_picture
 
         sub = views.select(slice(0, max_images))
         crops, count = sub.crops, sub.batch_size

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -130,7 +129,7 @@ class SSLModule(pl.LightningModule):
         ``docs/resume.md``), ``EpochEndReductions`` (epoch values reduced in the same order on every process,
         ``docs/failures.md``) and the non-finite guard (unless ``nonfinite_guard=False``, ``docs/failures.md``);
         subclasses extend ``super()``'s list."""
-        from ssl_modules.run._collective_order import EpochEndReductions
+        from ssl_modules.run.collective_order import EpochEndReductions
         from ssl_modules.run.resume import ExactResume
 
         callbacks = [*(super().configure_callbacks() or []), ExactResume(), EpochEndReductions()]
@@ -427,23 +426,19 @@ class SSLModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------------------- export
     def export_backbone(self, path: str | Path) -> Path:
-        """Write the (teacher's, where there is one) backbone weights for timm.
+        """Write the (teacher's, where there is one) backbone weights for timm; returns ``path``.
 
-        ``path`` gets a plain state dict that
-        ``timm.create_model(name, num_classes=0, **model_kwargs).load_state_dict(sd)`` loads strictly;
-        ``path.with_suffix(".json")`` records ``name`` and ``model_kwargs``.
+        A ``.pt`` path gets a plain state dict that
+        ``timm.create_model(name, num_classes=0, **model_kwargs).load_state_dict(sd)`` loads strictly, and
+        ``path.with_suffix(".json")`` records ``name`` and ``model_kwargs``; a folder gets ``config.json`` and
+        ``model.safetensors``, which ``timm.create_model("local-dir:<folder>", pretrained=True)`` loads by itself
+        (``ssl_modules.checkpoints.export``, the one writer). Non-finite weights are refused before anything is
+        written.
         """
-        from ssl_modules.run.guard import check_finite_state
+        from ssl_modules.checkpoints.export import export_backbone
 
-        path = Path(path)
-        backbone = self.embedding_backbone
-        check_finite_state(backbone, f"export to {path} refused (train with a lower lr or export an earlier "
-                                     "checkpoint)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(backbone.timm_state_dict(), path)
-        meta = {"name": backbone.name, "model_kwargs": {**backbone.model_kwargs, "num_classes": 0}}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        return export_backbone(self.embedding_backbone, path, self.hparams.get("mean", IMAGENET_MEAN),
+                               self.hparams.get("std", IMAGENET_STD))
 
 
 @torch.no_grad()

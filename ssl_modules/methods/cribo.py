@@ -378,7 +378,7 @@ class CrIBo(TeacherEMA, SSLModule):
         """``cribo/object_clusters``: for the first images, each global crop beside the teacher's clusters
         of it (the clustering of both views together, as in training): are the objects found, and are they
         the same in both views?"""
-        from ssl_modules._drawing import cluster_rows, denormalize
+        from ssl_modules.drawing import cluster_rows, denormalize
 
         count = min(max_images, views.batch_size)
         sub = views.select(slice(0, count), views=slice(0, 2))

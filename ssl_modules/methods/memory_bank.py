@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_modules.functional._precision import full_precision
+from ssl_modules.functional.precision import full_precision
 from ssl_modules.functional.cribo import cycle_mask
 
 __all__ = ["ObjectMemoryBank", "upgrade_flat_bank_keys"]

@@ -199,7 +199,7 @@ class VICRegL(SSLModule):
         """``vicregl/matches``: the first image's two large views with their feature cells outlined; top, the
         location matches (geometry: nothing learned); below, the learned feature matches, green where they
         agree with the geometry and red where not."""
-        from ssl_modules._drawing import denormalize, match_panels, with_caption
+        from ssl_modules.drawing import denormalize, match_panels, with_caption
 
         if self.projector is None:
             return {}

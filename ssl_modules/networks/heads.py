@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_modules.functional._precision import at_least_float32
+from ssl_modules.functional.precision import at_least_float32
 
 __all__ = ["MLP", "NormalizedLinear", "DINOHead", "LocalProjector", "parse_widths"]
 

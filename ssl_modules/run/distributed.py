@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ssl_modules.run._optional_parts import before_collective
+from ssl_modules.run.optional_parts import before_collective
 
 __all__ = [
     "is_distributed",

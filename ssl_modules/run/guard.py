@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from ssl_modules.checkpoints.export import non_finite_weights
 from ssl_modules.run import distributed
 
 __all__ = ["NonFiniteGuard", "NonFiniteLossError", "check_finite_state"]
@@ -112,11 +113,6 @@ class NonFiniteGuard(Callback):
 
 def check_finite_state(module: torch.nn.Module, consequence: str) -> None:
     """Raise :class:`NonFiniteLossError` naming the first parameters or buffers that hold NaN/Inf."""
-    tensors = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
-    if not tensors:
-        return
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
-    bad = [name for (name, _), ok in zip(tensors, finite) if not ok]
+    bad = non_finite_weights(dict([*module.named_parameters(), *module.named_buffers()]))
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteLossError(f"non-finite weights ({len(bad)} tensors: {shown}): {consequence}")
+        raise NonFiniteLossError(f"non-finite weights ({bad}): {consequence}")

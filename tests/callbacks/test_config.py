@@ -11,7 +11,7 @@ from support.probe_testkit import ColourData
 from callbacks import DenseRetrievalProbe, KNNProbe, OnlineLinearProbe, VisualDiagnostics, VOCSegmentationProbe
 from support.common import TINY_VIT
 from ssl_modules.methods.base import SSLModule
-from ssl_modules.cli.app import SSLCLI
+from ssl_modules.cli.lightning import SSLCLI
 
 CALLBACKS = [
     {"class_path": "callbacks.OnlineLinearProbe",

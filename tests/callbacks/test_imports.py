@@ -1,21 +1,21 @@
-"""``callbacks`` depends only on the feature contract: no method module, no datamodule internals."""
+"""``callbacks`` is a thin front end: it loads the evaluation core of ``ssl_modules.evaluation`` and the feature
+contract, but no method (ContrastiveCrop aside, which it re-exports), no protocol of ``evaluate``, no checkpoint
+reading and no command line."""
 import subprocess
 import sys
 
-ALLOWED = {"ssl_modules", "ssl_modules.contracts", "ssl_modules.run.distributed", "ssl_modules.networks.backbones",
-           "ssl_modules._drawing", "ssl_modules.evaluation", "ssl_modules.evaluation.search",
-           # ContrastiveCrop lives with BAM's mechanics; callbacks re-exports it
-           "ssl_modules.methods", "ssl_modules.methods.contrastive_crop", "ssl_modules.methods.contrastive_crop.boxes",
-           "ssl_modules.methods.contrastive_crop.callback", "ssl_modules.networks", "ssl_modules.run",
-           "ssl_modules.run._optional_parts",  # agreed failures and isolated randomness of optional parts (torch only)
-           # pure torch math: ContrastiveCrop's attention runs in float32 through the functional core's helper
-           "ssl_modules.functional", "ssl_modules.functional._checks", "ssl_modules.functional._precision",
-           "ssl_modules.functional.bam", "ssl_modules.functional.cribo", "ssl_modules.functional.vicregl",
-           "datamodules", "datamodules.views"}
+FORBIDDEN_PREFIXES = ("ssl_modules.cli", "ssl_modules.checkpoints", "ssl_modules.optimization",
+                      "ssl_modules.evaluation.api", "ssl_modules.evaluation.linear",
+                      "ssl_modules.evaluation.voc_linear", "ssl_modules.evaluation.hummingbird")
+ALLOWED_METHODS = {"ssl_modules.methods", "ssl_modules.methods.contrastive_crop",
+                   "ssl_modules.methods.contrastive_crop.boxes", "ssl_modules.methods.contrastive_crop.callback"}
 
 
-def test_callbacks_import_only_the_feature_contract():
+def test_callbacks_load_the_evaluation_core_and_no_method_or_protocol():
     code = "import sys, callbacks; print('\\n'.join(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    ours = {name for name in loaded if name.split(".")[0] in ("ssl_modules", "datamodules")}
-    assert ours <= ALLOWED, ours - ALLOWED
+    assert {"ssl_modules.evaluation.features", "ssl_modules.evaluation.knn", "ssl_modules.evaluation.retrieval"} <= set(
+        loaded)
+    assert [name for name in loaded if name.startswith(FORBIDDEN_PREFIXES)] == []
+    methods = {name for name in loaded if name.startswith("ssl_modules.methods")}
+    assert methods <= ALLOWED_METHODS, methods - ALLOWED_METHODS

@@ -87,3 +87,20 @@ def test_probes_inherit_the_datamodules_loader_workers(tmp_path):
     training_data.num_workers = 0
     pl.Trainer(callbacks=[probe, linear], **trainer_kwargs(max_steps=1)).fit(ColourFeatures(), datamodule=training_data)
     assert probe.num_workers == 0 and linear.num_workers == 0
+
+
+def test_an_unreadable_evaluation_image_fails_the_probe_naming_it(tmp_path):
+    """Never another image in its place (it would be counted twice): the probe fails, training goes on."""
+    from datamodules import ImageNetDataModule, MultiCropViews
+    from support.evaldata import imagenet_tree
+
+    root = imagenet_tree(tmp_path)
+    bad = sorted((root / "val").rglob("*.JPEG"))[4]
+    bad.write_bytes(bad.read_bytes()[:40])
+    views = MultiCropViews.preset("bam", global_size=16, local_size=16, n_local=0)
+    data = ImageNetDataModule(str(root), batch_size=4, num_workers=0, views=views, eval_size=16)
+    probe = KNNProbe(k=3, batch_size=4, train_fraction=1.0, data=data, **FAST)
+    trainer = pl.Trainer(callbacks=[probe], **trainer_kwargs(max_epochs=1))
+    trainer.fit(ColourFeatures(), datamodule=ColourData())
+    assert trainer.current_epoch == 1 and len(probe.failures) == 1
+    assert bad.name in probe.failures[0] and "UnreadableImageError" not in probe.last_metrics

@@ -47,11 +47,11 @@ def constant_run():
     return trainer, callbacks
 
 
-@pytest.mark.parametrize("metric", ["probe/linear_top1", "probe/knn_top1", "probe/voc_miou", "probe/retrieval_miou"])
-def test_every_probe_logs_its_metric(signal_run, metric):
-    trainer, _ = signal_run
-    assert metric in trainer.callback_metrics
-    assert 0.0 <= float(trainer.callback_metrics[metric]) <= 1.0
+@pytest.mark.parametrize("probe, metric", [("linear", "top1"), ("knn", "top1"), ("voc", "miou"), ("retrieval", "miou")])
+def test_every_probe_logs_the_value_it_computed(signal_run, probe, metric):
+    trainer, callbacks = signal_run
+    assert float(trainer.callback_metrics[f"probe/{probe}_{metric}"]) == pytest.approx(
+        callbacks[probe].last_metrics[metric], abs=1e-7)
 
 
 def test_linear_probe_beats_chance_on_colour_features_and_not_on_constant_ones(signal_run, constant_run):
@@ -179,8 +179,12 @@ def test_probes_read_a_real_ssl_module_through_embed_and_leave_it_training():
     trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(max_epochs=1))
     trainer.fit(module, datamodule=ColourData())
     assert modes == [True]  # the probes (which run first) gave the backbone back in training mode
-    for name in ("linear_top1", "knn_top1", "voc_miou", "retrieval_miou"):
-        assert 0.0 <= float(trainer.callback_metrics[f"probe/{name}"]) <= 1.0
+    logged = {name: float(trainer.callback_metrics[f"probe/{name}"])
+              for name in ("linear_top1", "knn_top1", "voc_miou", "retrieval_miou")}
+    computed = {f"{name}_{metric}": probe.last_metrics[metric]
+                for name, probe, metric in zip(("linear", "knn", "voc", "retrieval"), callbacks, ("top1", "top1",
+                                                                                            "miou", "miou"))}
+    assert logged == pytest.approx(computed, abs=1e-7)
 
 
 def test_probes_leave_the_global_random_generator_alone():

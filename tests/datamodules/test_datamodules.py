@@ -15,9 +15,9 @@ from support.dm_testdata import (NUM_CLASSES, NUM_TRAIN, NUM_VAL, copy_voc, rand
                          write_image)
 from PIL import Image
 
-from datamodules import (COCODataModule, ImageFolderDataModule, ImageNetDataModule, LayoutError, MultiCropViews,
-                         SceneConfig, SyntheticScenesDataModule, UnknownMaskValueError, Views,
-                         VOCSegmentationDataModule, read_mask)
+from datamodules import (IMAGENET_MEAN, IMAGENET_STD, COCODataModule, ImageFolderDataModule, ImageNetDataModule,
+                         LayoutError, MultiCropViews, SceneConfig, SyntheticScenesDataModule, UnknownMaskValueError,
+                         Views, VOCSegmentationDataModule, read_mask)
 from datamodules.reading import list_images
 from ssl_modules.methods.base import SSLModule
 
@@ -286,13 +286,12 @@ class RecordingModule(SSLModule):
         super().__init__("vit_tiny_patch16_224", backbone_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=64,
                                                                      num_heads=2))
         self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.received: list[tuple[torch.dtype, float, float]] = []
+        self.received: list[list[torch.Tensor]] = []
 
     def training_step(self, batch, batch_idx):
         assert isinstance(batch, Views)
-        crops = torch.cat([c.flatten() for c in batch.crops])
-        self.received.append((batch.crops[0].dtype, crops.mean().item(), crops.std().item()))
-        return self.weight * 0 + crops.mean() * 0
+        self.received.append([crop.detach().clone() for crop in batch.crops])
+        return self.weight * 0 + batch.crops[0].mean() * 0
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -307,8 +306,15 @@ def test_the_module_receives_float_normalised_crops(tmp_path):
                          default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     assert len(module.received) == 2
-    for dtype, mean, std in module.received:
-        assert dtype == torch.float32 and -1.5 < mean < 1.5 and 0.3 < std < 2.5
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for crops in module.received:
+        for crop in crops:
+            assert crop.dtype == torch.float32
+            # undoing the ImageNet normalisation gives back the uint8 levels the DataModule produced
+            levels = (crop * std + mean) * 255
+            assert (levels - levels.round()).abs().max() < 1e-3
+            assert levels.round().min() >= 0 and levels.round().max() <= 255
+            assert levels.round().unique().numel() > 16  # real image content, not a constant
 
 
 def test_cli_builds_the_datamodules_from_a_config(tmp_path):

@@ -1,9 +1,9 @@
-"""Drawing helpers (``ssl_modules._drawing``): shapes, ranges and the pixels they promise."""
+"""Drawing helpers (``ssl_modules.drawing``): shapes, ranges and the pixels they promise."""
 from __future__ import annotations
 
 import torch
 
-from ssl_modules._drawing import (IMAGENET_MEAN, IMAGENET_STD, colorize_labels, denormalize, label_palette,
+from ssl_modules.drawing import (IMAGENET_MEAN, IMAGENET_STD, colorize_labels, denormalize, label_palette,
                                    segmentation_comparison, tile)
 
 

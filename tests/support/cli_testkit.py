@@ -58,7 +58,7 @@ def run_cli(args: list[str], timeout: float = 600, extra_path: Path | None = Non
     env.pop("PYTHONWARNINGS", None)
     paths = [str(REPO), str(Path(__file__).parents[1]), str(extra_path) if extra_path else None]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-    code = "import sys; from ssl_modules.cli.app import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from ssl_modules.cli import main; sys.exit(main(sys.argv[1:]))"
     command = ["-m", "ssl_modules"] if as_module else ["-c", code]
     return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=cwd)

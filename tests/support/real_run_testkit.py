@@ -68,7 +68,7 @@ def run_in_process(method: str, root: Path, optional: bool, ckpt_path: str | Non
                    extra: list[str] = (), checkpoint_every_steps: int = 4) -> dict[str, Any]:
     """One in-process CLI fit with step checkpoints; returns its per-step losses, final step, state tensors
     and what the optional parts did."""
-    from ssl_modules.cli.app import run_cli
+    from ssl_modules.cli.lightning import run_cli
 
     recorder, report = LossRecorder(), OptionalPartsReport()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=checkpoint_every_steps,

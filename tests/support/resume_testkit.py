@@ -1,4 +1,4 @@
-"""Drive ``ssl_modules.cli.app.main`` in-process on tiny configs and compare runs step by step (issue 15 matrix)."""
+"""Drive ``ssl_modules.cli.main`` in-process on tiny configs and compare runs step by step (issue 15 matrix)."""
 from __future__ import annotations
 
 import functools
@@ -61,7 +61,7 @@ def run(method: str, root: Path, num_workers: int = 0, stop_at: int | None = Non
 
     Checkpoints ``step=N.ckpt`` every ``checkpoint_every_steps`` steps, or (None) Lightning's epoch-end
     checkpoints with ``last.ckpt``."""
-    from ssl_modules.cli.app import run_cli as main  # the LightningCLI object, not the exit code
+    from ssl_modules.cli.lightning import run_cli as main  # the LightningCLI object, not the exit code
 
     recorder = LossRecorder()
     if checkpoint_every_steps is None:

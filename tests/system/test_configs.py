@@ -24,7 +24,8 @@ from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 
 from ssl_modules.methods.base import SSLModule
-from ssl_modules.cli.app import SSLCLI, main, run_cli
+from ssl_modules.cli import main
+from ssl_modules.cli.lightning import SSLCLI, run_cli
 from ssl_modules.methods.cribo import CrIBo
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",

@@ -1,5 +1,6 @@
-"""Exported backbones load into ``timm.create_model(name, num_classes=0, **kwargs)`` strictly, from the Python
-API (``SSLModule.export_backbone``) and from the command line (``python -m ssl_modules fit`` under DDP, then
+"""Exported backbones load into ``timm.create_model(name, num_classes=0, **kwargs)`` strictly (a ``.pt``) and
+into ``timm.create_model("local-dir:<folder>", pretrained=True)`` by name (a folder), from the Python API
+(``SSLModule.export_backbone``) and from the command line (``python -m ssl_modules fit`` under DDP, then
 ``python -m ssl_modules export <ckpt> <out>``), for every method's backbone options (``tests/foundation``
 covers a plain ViT; here: VICRegL's layer-scale-free ConvNeXt, BAM's MoCo v3 ViT, CrIBo's teacher ViT, a
 BatchNorm ResNet)."""
@@ -40,15 +41,23 @@ def load_exported(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def load_exported_folder(folder: Path) -> torch.nn.Module:
+    """The model timm builds from the export folder by itself (its config and weights), offline."""
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
+@pytest.mark.parametrize("layout", ["backbone.pt", "folder"])
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_export_backbone_loads_into_timm_strictly_and_computes_the_same_features(name, tmp_path):
+def test_export_backbone_loads_into_timm_strictly_and_computes_the_same_features(name, layout, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = MODULES[name]()
     source = module.embedding_backbone
     with torch.no_grad():  # make the exported (teacher) backbone differ from the student where there is one
         for param in source.parameters():
             param.add_(0.01 * torch.randn_like(param))
-    path = module.export_backbone(tmp_path / "backbone.pt")
-    model = load_exported(path)
+    path = module.export_backbone(tmp_path / layout)
+    model = load_exported(path) if layout == "backbone.pt" else load_exported_folder(path)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(images), source.eval().model.forward_features(images))
@@ -85,6 +94,11 @@ def test_cli_fit_under_ddp_then_cli_export_load_into_timm(synthetic_root, tmp_pa
     export = run_python(["-m", "ssl_modules", "export", checkpoint.group(1), str(out)])
     assert export.returncode == 0, export.stderr[-3000:]
     assert f"backbone written to {out}" in export.stdout
-    from_checkpoint, after_fit = load_exported(out), load_exported(Path(written.group(1)))
-    for (name, a), b in zip(from_checkpoint.state_dict().items(), after_fit.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+    folder = tmp_path / "exported" / "convnext"
+    assert run_python(["-m", "ssl_modules", "export", checkpoint.group(1), str(folder)]).returncode == 0
+    after_fit = Path(written.group(1))
+    assert f"timm folder: {after_fit.with_suffix('')}" in fit.stdout
+    exports = [load_exported(out), load_exported_folder(folder), load_exported_folder(after_fit.with_suffix(""))]
+    for other in exports:
+        for (name, a), b in zip(other.state_dict().items(), load_exported(after_fit).state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_modules.networks.backbones import Backbone
-from ssl_modules.functional._precision import full_precision
+from ssl_modules.functional.precision import full_precision
 
 __all__ = [
     "boxes_from_attention",

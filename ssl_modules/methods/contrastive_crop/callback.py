@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_modules.run import distributed
-from ssl_modules.run._optional_parts import isolated_rng, stopped_early
+from ssl_modules.run.optional_parts import isolated_rng, stopped_early
 from ssl_modules.methods.contrastive_crop.boxes import (
     boxes_from_attention,
     check_attention_backbone,

@@ -6,7 +6,7 @@ from support.common import TINY_VIT
 from ssl_modules.networks.backbones import Backbone
 from ssl_modules.methods.bam import BAM
 from ssl_modules.methods.cribo import CrIBo
-from ssl_modules.checkpoints.official import (
+from ssl_modules.methods.official import (
     detect_method, load_backbone_weights, load_official, official_state, save_official,
 )
 from ssl_modules.methods.vicregl import VICRegL
@@ -174,7 +174,7 @@ def test_an_unknown_layout_asks_for_the_method(tmp_path):
 def test_an_official_checkpoint_exports_to_timm(tmp_path):
     import json
     import timm
-    from ssl_modules.checkpoints.official import export_official
+    from ssl_modules.methods.official import export_official
     source = _perturbed(BAM("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT), projector_widths="32-32"))
     save_official(source, tmp_path / "bam.pth")
     out = export_official(tmp_path / "bam.pth", tmp_path / "backbone.pt", backbone="vit_tiny_patch16_224",
@@ -199,13 +199,13 @@ def test_the_export_command_writes_an_official_checkpoints_teacher_backbone_for_
 
     import timm
 
-    from ssl_modules.cli.app import main
+    from ssl_modules.cli import main
 
     source = _perturbed(CrIBo("vit_tiny_patch16_224", **CRIBO))
     path = save_official(source, tmp_path / "checkpoint.pth")
     assert main(["export", str(path), str(tmp_path / "plain.pt")]) == 1  # not a Lightning checkpoint: a hint
     assert main(["export", str(path), str(tmp_path / "backbone.pt"), "--official", "auto",
-                 "--backbone", "vit_tiny_patch16_224", "--backbone-kwargs", json.dumps(TINY_VIT)]) == 0
+                 "--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", json.dumps(TINY_VIT)]) == 0
     meta = json.loads((tmp_path / "backbone.json").read_text())
     model = timm.create_model(meta["name"], **meta["model_kwargs"])
     model.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True))
@@ -214,7 +214,7 @@ def test_the_export_command_writes_an_official_checkpoints_teacher_backbone_for_
 
 
 def test_a_plain_export_of_an_official_checkpoint_says_to_use_official(tmp_path, capsys):
-    from ssl_modules.cli.app import main
+    from ssl_modules.cli import main
 
     path = save_official(CrIBo("vit_tiny_patch16_224", **CRIBO), tmp_path / "checkpoint.pth")
     assert main(["export", str(path), str(tmp_path / "out.pt")]) == 1

@@ -49,7 +49,7 @@ class CodeOnLoad:
 def _official_cribo(path: Path, args: argparse.Namespace) -> Path:
     """A CrIBo official training checkpoint (a ViT-S with one block at 32 px) with ``args`` as its ``args``."""
     from ssl_modules.methods.cribo import CrIBo
-    from ssl_modules.checkpoints.official import official_state
+    from ssl_modules.methods.official import official_state
 
     state = official_state(CrIBo("vit_small_patch16_224", **CRIBO))
     state["args"] = args
@@ -69,7 +69,7 @@ def _backbone_file(path: Path, extra: object) -> tuple[Path, dict[str, torch.Ten
 # ------------------------------------------------------------------------------------------- allowed types
 def test_an_official_checkpoint_with_its_training_arguments_needs_no_trust(tmp_path):
     """The official code saves its ``argparse.Namespace`` (with paths in it): read weights-only, no warning."""
-    from ssl_modules.checkpoints.official import load_official
+    from ssl_modules.methods.official import load_official
 
     args = argparse.Namespace(arch="vit_small", patch_size=8, output_dir=Path("/runs/cribo"), lr=5e-4,
                               pos_alpha=(1.0, 2.0))
@@ -87,7 +87,7 @@ def test_a_lightning_checkpoint_with_the_librarys_callbacks_needs_no_trust(tmp_p
     ``load_module`` and Lightning's own weights-only read take it as it is."""
     from support.resume_testkit import tiny_args
 
-    from ssl_modules.cli.app import run_cli
+    from ssl_modules.cli.lightning import run_cli
 
     probes = ["--trainer.callbacks+=callbacks.KNNProbe", "--trainer.callbacks+=callbacks.OnlineLinearProbe"]
     run_cli(tiny_args("vicregl", tmp_path, 0, ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
@@ -104,7 +104,7 @@ def test_a_lightning_checkpoint_with_the_librarys_callbacks_needs_no_trust(tmp_p
 def test_a_backbone_file_that_would_run_code_is_refused_naming_file_global_and_flag(tmp_path):
     """The former ``backbones.read_checkpoint`` retried any failed weights-only read with full unpickling,
     silently: the file's code ran and the weights loaded."""
-    from ssl_modules.checkpoints.official import load_backbone_weights
+    from ssl_modules.methods.official import load_backbone_weights
 
     marker = tmp_path / "marker"
     path, _ = _backbone_file(tmp_path / "released.pth", CodeOnLoad(marker))
@@ -163,7 +163,7 @@ def test_a_damaged_file_is_still_a_damaged_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------- command lines
 def test_export_refuses_it_and_reads_it_with_trust_checkpoint(tmp_path, capsys):
-    from ssl_modules.cli.app import main
+    from ssl_modules.cli import main
 
     marker = tmp_path / "marker"
     path = _official_cribo(tmp_path / "checkpoint.pth", argparse.Namespace(arch="vit_small", hook=CodeOnLoad(marker)))
@@ -179,7 +179,7 @@ def test_export_refuses_it_and_reads_it_with_trust_checkpoint(tmp_path, capsys):
 
 def test_evaluate_takes_trust_checkpoint_to_the_model_loader(tmp_path):
     from ssl_modules.cli.evaluate import parse
-    from ssl_modules.checkpoints.sources import load_backbone
+    from ssl_modules.evaluation.sources import load_backbone
 
     assert parse(["model.pth"])["trust_checkpoint"] is False
     assert parse(["model.pth", "--trust-checkpoint"])["trust_checkpoint"] is True
@@ -195,7 +195,7 @@ def test_evaluate_takes_trust_checkpoint_to_the_model_loader(tmp_path):
 
 def test_an_exported_backbone_is_read_by_the_same_reader(tmp_path):
     """``evaluate`` of an exported ``backbone.pt`` reads it under the same rule (it was a bare ``torch.load``)."""
-    from ssl_modules.checkpoints.sources import load_backbone
+    from ssl_modules.evaluation.sources import load_backbone
 
     marker = tmp_path / "marker"
     path, _ = _backbone_file(tmp_path / "backbone.pt", CodeOnLoad(marker))

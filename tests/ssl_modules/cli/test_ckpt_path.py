@@ -6,7 +6,7 @@ from support.resume_testkit import tiny_args
 
 
 def _fit(root, method="vicregl", extra=()):
-    from ssl_modules.cli.app import run_cli as main
+    from ssl_modules.cli.lightning import run_cli as main
 
     return main(tiny_args(method, root, 0, ["--trainer.max_epochs=1", "--trainer.logger=true",
                                             "--data.init_args.scene.num_train=64", *extra]))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from support.cli_testkit import REPO, run_cli, tiny_config
 
-from ssl_modules.cli.app import did_you_mean, main
+from ssl_modules.cli import main
+from ssl_modules.cli._argument_errors import did_you_mean
 
 
 def fit_once(tmp_path: Path, method: str = "vicregl", **kwargs):
@@ -56,7 +57,7 @@ def test_help_lists_export_and_evaluate_without_importing_lightning():
     result = run_cli(["--help"])
     assert result.returncode == 0
     assert re.search(r"^\s+export\s", result.stdout, re.M) and re.search(r"^\s+evaluate\s", result.stdout, re.M)
-    code = ("import sys; from ssl_modules.cli.app import main; main(['--help']); "
+    code = ("import sys; from ssl_modules.cli import main; main(['--help']); "
             "assert 'lightning' not in sys.modules and 'torch' not in sys.modules")
     import subprocess
     import sys

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from support.cli_testkit import tiny_config
 
-from ssl_modules.cli.app import main, resume_command, steps_line
+from ssl_modules.cli import main
+from ssl_modules.cli._summary import resume_command, steps_line
 
 
 def fit(args: list[str]) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from support.cli_testkit import InjectNaN, tiny_config
 
-from ssl_modules.cli import app as cli
-from ssl_modules.cli.app import failure_message, main
+from ssl_modules.cli import _run_checks, lightning, main
+from ssl_modules.cli._errors import failure_message
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -108,40 +108,71 @@ def test_a_run_of_zero_epochs_or_steps_is_refused_before_anything_is_written(lim
     assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("backbone.pt"))
 
 
-def test_export_to_a_folder_names_the_file_to_give(tmp_path, capsys):
-    folder = tmp_path / "exports"
-    folder.mkdir()
+def test_export_to_a_path_that_is_no_pt_file_nor_folder_names_both_before_reading(tmp_path, capsys):
     checkpoint = tmp_path / "any.ckpt"
     checkpoint.write_bytes(b"checked after the output")
-    code, _, err = run(["export", str(checkpoint), str(folder)], capsys)
+    code, _, err = run(["export", str(checkpoint), str(tmp_path / "backbone.ckpt")], capsys)
     assert code == 2
-    assert f"the output {folder} is a folder" in err and str(folder / "backbone.pt") in err, err
+    assert "name a .pt file" in err and str(tmp_path / "backbone.pt") in err and "a folder" in err, err
     assert_one_message(err, most_lines=1)
-    assert not list(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["any.ckpt"]
+
+
+@pytest.mark.parametrize(("arguments", "needle"), [
+    (["--backbone", "vit_small_patch16_224"], "give them with --official"),  # only an official one needs it
+    (["--oficial", "auto"], "unknown option --oficial; did you mean --official?"),
+    (["--official", "mocov3"], "--official takes one of auto, cribo, bam, vicregl"),
+    (["--backbone_kwargs", "[1, 2]"], "--backbone_kwargs"),
+])
+def test_export_exits_2_for_a_bad_command_line_in_one_line(arguments, needle, tmp_path, capsys):
+    code, _, err = run(["export", str(tmp_path / "any.ckpt"), str(tmp_path / "out.pt"), *arguments], capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and needle in err, err
+    assert_one_message(err, most_lines=1)
 
 
 @pytest.mark.parametrize("arguments", [
-    ["--imagenet", "{tmp}", "--set", "knn.kk=3"],  # an unknown setting
-    ["--imagenet", "{tmp}", "--preset", "knn=nope"],  # an unknown preset
-    ["--imagenet", "{tmp}", "--set", "knn"],  # not KEY=VALUE
-    ["--imagenet", "{tmp}", "--batch-size", "many"],  # argparse's own error, without its 16-line usage
+    ["--imagenet", "{tmp}", "--knn.kk", "3"],  # an unknown setting
+    ["--imagenet", "{tmp}", "--linear.preset", "nope"],  # an unknown preset
+    ["--imagenet", "{tmp}", "--batch_size", "many"],  # a value of the wrong type
+    ["--imagenet", "{tmp}", "--linear.epochs", "1.5"],  # a setting of the wrong type
     ["--protocols", "linear"],  # no data root for the protocol
+    ["--protocols", "knn", "segmentation"],  # no such protocol
+    ["--imagenet", "{tmp}", "--config", "{tmp}/missing.yaml"],  # no such config file
+    ["--imagenet", "{tmp}", "--set", "knn"],  # the deprecated --set, not KEY=VALUE
+    ["--imagenet", "{tmp}", "--set", "knn.kk=3"],  # the deprecated --set, an unknown setting
 ])
 def test_evaluate_exits_2_for_a_bad_command_line_in_one_line(arguments, tmp_path, capsys):
     arguments = [a.format(tmp=tmp_path) for a in arguments]
     code, _, err = run(["evaluate", "vit_tiny_patch16_224", *arguments], capsys)
     assert code == 2, err
-    assert err.startswith("error: ") and "usage:" not in err, err
-    assert_one_message(err, most_lines=1)
+    lines = [line for line in err.splitlines() if not line.startswith("note: ")]  # the deprecation note
+    assert lines[0].startswith("error: ") and "usage:" not in err, err
+    assert_one_message("\n".join(lines), most_lines=1)
+
+
+def test_evaluate_exits_2_without_a_model(capsys):
+    code, _, err = run(["evaluate", "--protocols", "knn"], capsys)
+    assert code == 2 and "required: model" in err, err
 
 
 # ------------------------------------------------------------------------------ failed runs: 1
 def test_evaluate_exits_1_for_a_bad_data_layout_as_fit_does(tmp_path, capsys):
-    code, _, err = run(["evaluate", "vit_tiny_patch16_224", "--timm-kwarg", "img_size=32", "--imagenet",
-                        str(tmp_path), "--no-progress", "--num-workers", "0", "--output", str(tmp_path / "out")],
-                       capsys)
+    code, _, err = run(["evaluate", "vit_tiny_patch16_224", "--timm_kwargs.img_size", "32", "--imagenet",
+                        str(tmp_path), "--show_progress", "false", "--num_workers", "0", "--output",
+                        str(tmp_path / "out")], capsys)
     assert code == 1, err
     assert str(tmp_path) in err
+    assert_one_message(err, most_lines=1)
+
+
+def test_evaluate_exits_1_for_a_value_error_raised_while_evaluating(tmp_path, capsys):
+    """A setting the protocol refuses once it runs is a failed run (1), not a bad command line (2)."""
+    tiny = "{img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}"
+    code, _, err = run(["evaluate", "vit_tiny_patch16_224", "--timm_kwargs", tiny, "--imagenet", str(tmp_path),
+                        "--protocols", "linear", "--linear.epochs", "0", "--output", str(tmp_path / "out")], capsys)
+    assert code == 1, err
+    assert err.startswith("error: ") and "epochs" in err, err
     assert_one_message(err, most_lines=1)
 
 
@@ -191,10 +222,8 @@ def test_a_file_that_cannot_be_written_during_the_run_is_one_message():
 
 
 def test_more_cpu_processes_than_cores_is_a_warning(tmp_path, capsys, monkeypatch):
-    import ssl_modules.cli.evaluate as evaluation_cli
-
-    monkeypatch.setattr(evaluation_cli, "usable_cpus", lambda: 1)
-    monkeypatch.setattr(cli._cli_class(), "_run_subcommand", lambda self, subcommand: None)  # build, do not run
+    monkeypatch.setattr(_run_checks, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(lightning._cli_class(), "_run_subcommand", lambda self, subcommand: None)  # build, do not run
     config = tiny_config(tmp_path, "vicregl")
     code, _, err = run(["fit", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp"],
                        capsys)
@@ -241,13 +270,14 @@ def test_the_failed_run_folder_rule_itself(tmp_path):
     """Removed: created by the run, no checkpoint (empty parents the run created go too). Kept: otherwise."""
     anchor = tmp_path / "runs"
     anchor.mkdir()
-    created = cli.FailedRunFolder(anchor / "a" / "version_0", existed=False, anchor=anchor)
+    created = _run_checks.FailedRunFolder(anchor / "a" / "version_0", existed=False, anchor=anchor)
     (anchor / "a" / "version_0").mkdir(parents=True)
     (anchor / "a" / "version_0" / "events.out.tfevents.1").write_bytes(b"")
     assert created.remove() and not (anchor / "a").exists() and anchor.exists()
-    with_checkpoint = cli.FailedRunFolder(anchor / "b", existed=False, anchor=anchor)
+    with_checkpoint = _run_checks.FailedRunFolder(anchor / "b", existed=False, anchor=anchor)
     (anchor / "b" / "checkpoints").mkdir(parents=True)
     (anchor / "b" / "checkpoints" / "hpc_ckpt_1.ckpt").write_bytes(b"")
     assert not with_checkpoint.remove() and (anchor / "b").exists()
     (anchor / "c").mkdir()
-    assert not cli.FailedRunFolder(anchor / "c", existed=True, anchor=anchor).remove() and (anchor / "c").exists()
+    kept = _run_checks.FailedRunFolder(anchor / "c", existed=True, anchor=anchor)
+    assert not kept.remove() and (anchor / "c").exists()

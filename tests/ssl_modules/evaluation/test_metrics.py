@@ -1,37 +1,25 @@
-"""Hand-computed checks of the protocols' building blocks: k-NN vote, Hungarian mIoU, Hummingbird patch
-labels, rare-class sampling scores and retrieval, sliding windows, head schedules."""
+"""Hand-computed checks of the metrics (confusion matrix, mIoU variants, Hungarian matching; torchmetrics
+against the float64 reductions, also summed over two processes) and of other protocol parts (sliding
+windows, head schedules)."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 
-from ssl_modules.evaluation import hungarian_assignment, hungarian_miou, knn_classify
-from ssl_modules.evaluation.hummingbird import patch_labels, rare_class_patch_scores, retrieve_labels
-from ssl_modules.evaluation.metrics import confusion_matrix, miou_all_classes, miou_present_classes
-from ssl_modules.evaluation.search import FlatIndex
-from ssl_modules.evaluation.training import HeadRecipe, lr_factor
+from ssl_modules.evaluation import hungarian_assignment, hungarian_miou
+from ssl_modules.evaluation.metrics import (
+    confusion_counts,
+    confusion_matrix,
+    mean_iou,
+    miou_all_classes,
+    miou_present_classes,
+    segmentation_floors,
+    update_all,
+)
+from ssl_modules.evaluation.training import HEAD_OPTIMIZERS, HeadRecipe, head_optimizer, lr_factor, recipe_optimizer
 from ssl_modules.evaluation.voc_linear import sliding_window_logits
-
-
-def test_knn_vote_is_weighted_by_exp_similarity_over_temperature():
-    # Query [1, 0]: neighbours label 0 at sim 0.99, two of label 1 at sim 0.1 each.
-    bank = torch.tensor([[0.99, math.sqrt(1 - 0.99**2)], [0.1, math.sqrt(0.99)], [0.1, -math.sqrt(0.99)]])
-    labels = torch.tensor([0, 1, 1])
-    query, target = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
-    # T 0.07: exp(0.99/0.07) >> 2 exp(0.1/0.07): class 0 wins. T 100: weights ~1 each: class 1 (two votes).
-    assert knn_classify(bank, labels, query, target, 2, (3,), 0.07) == {3: (1, 1)}
-    assert knn_classify(bank, labels, query, target, 2, (3,), 100.0) == {3: (0, 1)}
-    # k 1: only the most similar neighbour votes.
-    assert knn_classify(bank, labels, query, torch.tensor([1]), 2, (1,), 100.0) == {1: (0, 0)}
-
-
-def test_knn_features_are_l2_normalised_before_the_search():
-    bank = torch.tensor([[10.0, 0.0], [0.0, 0.5]])
-    queries = torch.tensor([[0.1, 0.2]])  # closer in angle to [0, 1] although [10, 0] has the larger dot product
-    assert knn_classify(bank, torch.tensor([0, 1]), queries, torch.tensor([1]), 2, (1,), 0.07) == {1: (1, 1)}
 
 
 def test_hungarian_assignment_finds_the_optimum_of_every_permutation():
@@ -60,30 +48,6 @@ def test_confusion_matrix_ignores_255():
     assert confusion.tolist() == [[1, 0], [1, 0]]
 
 
-def test_patch_labels_map_255_to_background_as_open_hummingbird_eval():
-    mask = torch.tensor([[[1, 255, 2, 2], [1, 1, 2, 2], [0, 0, 255, 255], [0, 0, 255, 255]]])
-    labels = patch_labels(mask, (2, 2), 3, background_for_ignore=True)
-    assert labels[0].tolist() == [[0.25, 0.75, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-    left_out = patch_labels(mask, (2, 2), 3, background_for_ignore=False)
-    assert left_out[0, 0].tolist() == pytest.approx([0.0, 1.0, 0.0])
-    assert left_out[0, 3].tolist() == [0.0, 0.0, 0.0]
-
-
-def test_rare_class_scores_sum_the_frequency_of_each_patch_class():
-    # Patches: {0}, {0}, {0, 1}, {2}: frequency 0 -> 3, 1 -> 1, 2 -> 1.
-    labels = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 1.0]])
-    assert rare_class_patch_scores(labels).tolist() == [3.0, 3.0, 4.0, 1.0]
-
-
-def test_retrieval_weights_neighbour_labels_by_softmax_of_similarity_over_temperature():
-    memory = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    memory_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    query = torch.tensor([[2.0, 0.0]])  # sims 1.0 and 0.6 after normalisation
-    scores = retrieve_labels(query, FlatIndex(memory, "torch"), memory_labels, k=2, temperature=0.2)
-    w = torch.softmax(torch.tensor([1.0, 0.6]) / 0.2, 0)
-    assert scores[0].tolist() == pytest.approx(w.tolist())
-
-
 def test_sliding_windows_cover_the_image_and_average_overlaps():
     image = torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7)
     calls = []
@@ -106,14 +70,47 @@ def test_head_schedules_are_the_recipes_formulas():
     assert lr_factor(warm, 5, 100) == pytest.approx(0.5e-4)
 
 
-def test_blocked_torch_search_equals_one_full_product(monkeypatch):
-    from ssl_modules.evaluation import search
+def _random_labels(seed: int, count: int = 500, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, classes + 1, (count,), generator=generator)
+    targets[targets == classes] = 255
+    return targets, torch.randint(0, classes, (count,), generator=generator)
 
-    generator = torch.Generator().manual_seed(0)
-    bank, queries = torch.randn(300, 8, generator=generator), torch.randn(50, 8, generator=generator)
-    expected = (queries @ bank.T).topk(7, dim=1)
-    monkeypatch.setattr(search, "TORCH_CHUNK_ELEMENTS", 16 * 40)  # 16 queries x 40 bank rows per block
-    monkeypatch.setattr(search, "QUERY_BLOCK", 16)
-    values, indices = FlatIndex(bank, "torch").search(queries, 7)
-    assert torch.equal(indices, expected.indices)
-    assert torch.allclose(values, expected.values)
+
+def test_confusion_counts_equal_the_bincount_of_label_pairs_and_read_the_probes_miou():
+    targets, predictions = _random_labels(0)
+    counts, miou = confusion_counts(5, torch.device("cpu")), mean_iou(5, torch.device("cpu"))
+    update_all({"counts": counts, "miou": miou}, predictions, targets.to(torch.uint8))
+    confusion = counts.compute()
+    keep = targets != 255
+    expected = torch.bincount(targets[keep] * 5 + predictions[keep], minlength=25).reshape(5, 5)
+    assert torch.equal(confusion, expected) and torch.equal(confusion_matrix(targets, predictions, 5), expected)
+    assert float(miou.compute()) == pytest.approx(miou_present_classes(confusion), abs=1e-6)
+    floors = segmentation_floors(confusion)
+    assert floors["all_background_miou"] == pytest.approx(float((targets[keep] == 0).float().mean()) / 5)
+
+
+def _counts_in_process(rank: int, world: int) -> list[torch.Tensor]:
+    targets, predictions = _random_labels(rank)
+    counts = confusion_counts(5, torch.device("cpu"))
+    update_all({"counts": counts}, predictions, targets)
+    return [counts.compute()]
+
+
+@pytest.mark.slow
+def test_confusion_counts_are_summed_over_processes():
+    from support.distributed_utils import run_distributed
+
+    expected = sum(confusion_matrix(*_random_labels(rank), 5) for rank in range(2))
+    for (confusion,) in run_distributed(_counts_in_process, 2, ()):
+        assert torch.equal(confusion, expected)
+
+
+def test_head_optimizers_follow_the_recipe():
+    head = torch.nn.Linear(3, 2)
+    for name in HEAD_OPTIMIZERS:
+        optimizer = recipe_optimizer(head, HeadRecipe(name, 0.1, 0.01, "cosine"))
+        assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert head_optimizer(head, "sgd", 0.1, 0.0, momentum=0.5).param_groups[0]["momentum"] == 0.5
+    with pytest.raises(ValueError, match="optimizer"):
+        head_optimizer(head, "lamb", 0.1, 0.0)

@@ -283,7 +283,16 @@ def test_bad_arguments_raise_a_clear_value_error(fn, kwargs, message):
 
 
 def test_single_image_batches_are_fine_without_positive_masking():
-    assert torch.isfinite(F.bam_loss(_views(n=1, crops=2), positive_masking=False)["loss"])
+    views = _views(n=1, crops=2)
+    out = F.bam_loss(views, positive_masking=False, softmax_temperature=0.1, sinkhorn_temperature=0.05)
+    # By hand: the 2 x 2 cosine matrix of the image's two crops; each crop's balanced targets teach the other crop.
+    rows = nnf.normalize(torch.cat(views), dim=1)
+    similarity = rows @ rows.T
+    targets = _multiplicative_sinkhorn(similarity, 0.05, 3)
+    log_attention = torch.log_softmax(similarity / 0.1, dim=1)
+    expected = -(targets[0] @ log_attention[1] + targets[1] @ log_attention[0]) / 2
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out["targets"], targets.to(out["targets"].dtype))
 
 
 def test_no_function_changes_its_inputs():

@@ -4,7 +4,7 @@ import torch
 
 import ssl_modules.functional as functional
 from ssl_modules.functional import cribo_object_loss, joint_space_clustering, vicreg_loss
-from ssl_modules.functional._precision import at_least_float32
+from ssl_modules.functional.precision import at_least_float32
 
 DATA_MOVES = {"memory_bank_enqueue", "memory_bank_enqueue_padded"}  # rows moved, no arithmetic
 

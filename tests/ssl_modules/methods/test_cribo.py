@@ -75,9 +75,20 @@ def test_first_epoch_has_no_cross_image_loss_and_frozen_prototypes():
     assert not torch.equal(rec.last_layer[2], rec.last_layer[5])
 
 
+def _seeded_eval_cribo() -> CrIBo:
+    """A tiny CrIBo of fixed weights, without drop path (eval mode), clustering from seeded centroids."""
+    torch.manual_seed(0)
+    return tiny_cribo(IndexSeededCrIBo).eval()
+
+
 def test_one_image_per_process_works():
-    loss = tiny_cribo().training_step(random_views(1, [32, 32]), 0)["loss"]
-    assert torch.isfinite(loss)
+    views = random_views(1, [32, 32])
+    twice = views._replace(crops=[torch.cat([c, c]) for c in views.crops],
+                           **{name: torch.cat([getattr(views, name)] * 2) for name in views._fields if name != "crops"})
+    alone = _seeded_eval_cribo().training_step(views, 0)["loss"]
+    # Every term is a mean over images (or over their objects), so a batch holding the image twice has its loss.
+    torch.testing.assert_close(alone, _seeded_eval_cribo().training_step(twice, 0)["loss"], rtol=1e-5, atol=1e-6)
+    assert alone.item() > 0  # cross-entropies of softmaxes over 128 prototypes: not a degenerate zero
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from support.common import TINY_VIT
 from ssl_modules import BAM, CrIBo, VICRegL
 from ssl_modules.functional import bam_positive_mask
 from ssl_modules.testing import random_views
-from ssl_modules._drawing import PANEL, attention_picture, cluster_palette, crop_and_clusters, denormalize
+from ssl_modules.drawing import PANEL, attention_picture, cluster_palette, crop_and_clusters, denormalize
 
 MIN_CAPTION = 2 * 16 + 4  # at least two caption lines of 12 px text (long lines wrap)
 

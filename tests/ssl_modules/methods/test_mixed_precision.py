@@ -1,7 +1,7 @@
 """Mixed precision (``16-mixed``, ``bf16-mixed``): what must stay float32 does, and every method trains.
 
 - CrIBo's bank search and BAM's ContrastiveCrop attention run in float32 under any autocast, as the functional
-  core does (``ssl_modules/functional/_precision.py``): half-precision similarities reorder near-tied rows.
+  core does (``ssl_modules/functional/precision.py``): half-precision similarities reorder near-tied rows.
 - One training step of each method under fp16 autocast with a GradScaler (the official recipe: BAM
   ``--use_fp16 true``, CrIBo ``use_fp16``, VICRegL ``--fp16``) and under bf16 autocast gives a finite loss.
   Lightning turns ``Trainer(accelerator="cpu", precision="16-mixed")`` into ``bf16-mixed`` (with a warning),

@@ -1,6 +1,6 @@
 """Convergence of the tiny CPU configs ``examples/configs/<method>/synthetic_tiny.yaml``.
 
-Each test trains its config through the command line entry point (``ssl_modules.cli.app.main``, in-process), on
+Each test trains its config through the command line entry point (``ssl_modules.cli.main``, in-process), on
 the built-in synthetic scenes (generated once into a temporary folder), and checks what the method's
 training should show in its 320 steps: the loss falls and the representation does not collapse (a
 per-dimension std on a fixed batch, probed before the first step and after every epoch), plus BAM's
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from ssl_modules.cli.app import SSLCLI, main
+from ssl_modules.cli import main
+from ssl_modules.cli.lightning import SSLCLI
 
 CONFIGS = Path(__file__).resolve().parents[3] / "examples" / "configs"
 

@@ -62,7 +62,9 @@ def test_export_refuses_nonfinite_weights(tmp_path):
     module = SSLModule("vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT))
     with torch.no_grad():
         next(module.backbone.parameters()).fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="export .* refused"):
+    from ssl_modules.checkpoints.export import NonFiniteWeightsError
+
+    with pytest.raises(NonFiniteWeightsError, match="export .* refused"):
         module.export_backbone(tmp_path / "backbone.pt")
     assert not (tmp_path / "backbone.pt").exists()
     with pytest.raises(NonFiniteLossError, match="backbone.model"):

@@ -1,4 +1,4 @@
-"""Optional parts (``ssl_modules.run._optional_parts``): a failure on one process is agreed by every process,
+"""Optional parts (``ssl_modules.run.optional_parts``): a failure on one process is agreed by every process,
 and the global random generators come out of an optional part as they went in."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from support.distributed_utils import run_distributed
 
 from ssl_modules.run import distributed
-from ssl_modules.run._optional_parts import PartFailedError, agreed_failure, isolated_rng
+from ssl_modules.run.optional_parts import PartFailedError, agreed_failure, isolated_rng
 
 
 def _fail_on(rank: int, failing_rank: int, where: str) -> None:

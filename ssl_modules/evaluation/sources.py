@@ -1,8 +1,8 @@
-"""What ``evaluate`` can read: a checkpoint of this library, an exported backbone, an official checkpoint of
-CrIBo/BAM/VICRegL, or a timm model name — always as a frozen :class:`~ssl_modules.networks.backbones.Backbone`."""
+"""What ``evaluate`` can read: a checkpoint of this library, an exported backbone (a ``.pt`` with its ``.json``,
+or a folder that timm loads by name), an official checkpoint of CrIBo/BAM/VICRegL, or a timm model name — always
+as a frozen :class:`~ssl_modules.networks.backbones.Backbone`."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -10,9 +10,12 @@ from typing import Any
 from torch import nn
 
 from ssl_modules.networks.backbones import Backbone
-from ssl_modules.checkpoints.reading import UntrustedCheckpointError, load_module, read_checkpoint
+from ssl_modules.checkpoints.export import CONFIG_NAME, is_export_folder, read_export
+from ssl_modules.checkpoints.reading import UntrustedCheckpointError, load_module
 
-__all__ = ["ModelSourceError", "load_backbone", "describe_source"]
+__all__ = ["ModelSourceError", "load_backbone", "load_exported_backbone", "describe_source"]
+
+_LOCAL_DIR = "local-dir:"  # timm's prefix of a model folder, accepted as it is
 
 
 class ModelSourceError(ValueError):
@@ -27,9 +30,10 @@ def load_backbone(source: str | Path | nn.Module, official: str | None = None, t
     Args:
         source: an ``SSLModule`` (its teacher backbone where it has one, as CrIBo and BAM evaluate), a
             ``Backbone``, a Lightning checkpoint ``.ckpt`` of this library, an exported ``backbone.pt`` (with
-            its ``.json`` beside it), an official checkpoint (with ``official``), or a timm model name.
+            its ``.json`` beside it) or export folder (``config.json`` and ``model.safetensors``; also as
+            ``local-dir:<folder>``), an official checkpoint (with ``official``), or a timm model name.
         official: the method of an official checkpoint (``"cribo"``, ``"bam"``, ``"vicregl"``, or ``"auto"``
-            to tell it from the checkpoint); loaded with ``ssl_modules.checkpoints.official.load_official``.
+            to tell it from the checkpoint); loaded with ``ssl_modules.methods.official.load_official``.
         teacher: take the teacher backbone where the module has one (False: the student).
         trust_checkpoint: read a checkpoint file with full unpickling, for a file that holds types a
             weights-only read refuses (the trust rule of ``ssl_modules.checkpoints.reading``; it can run code from
@@ -48,14 +52,17 @@ def _resolve(source: Any, official: str | None, teacher: bool, trust: bool, timm
         return source
     if isinstance(source, nn.Module):
         return _module_backbone(source, teacher)
-    path = Path(str(source)).expanduser()
+    text = str(source)
+    path = Path(text.removeprefix(_LOCAL_DIR)).expanduser()
     if official is not None:
         return _official(path, official, teacher, trust)
     if path.suffix == ".ckpt" or (path.is_file() and path.suffix not in (".pt", ".pth", ".json")):
         return _checkpoint(path, teacher, trust)
-    if path.suffix in (".pt", ".pth", ".json"):
+    if path.suffix in (".pt", ".pth", ".json") or is_export_folder(path) or text.startswith(_LOCAL_DIR):
         return _exported(path, trust)
-    return _timm(str(source), timm_kwargs)
+    if path.is_dir() and not timm_name(text):
+        return _exported(path, trust)  # a folder that is no export: the error says what one holds
+    return _timm(text, timm_kwargs)
 
 
 def _module_backbone(module: nn.Module, teacher: bool) -> Backbone:
@@ -81,30 +88,25 @@ def _checkpoint(path: Path, teacher: bool, trust: bool) -> Backbone:
 
 
 def _exported(path: Path, trust: bool) -> Backbone:
-    weights, meta_path = path.with_suffix(".pt"), path.with_suffix(".json")
-    if not weights.is_file() and path.suffix == ".pth":
-        weights = path
-    for needed, what in ((weights, "weights"), (meta_path, "timm name and kwargs")):
-        if not needed.is_file():
-            raise ModelSourceError(f"{needed} not found: an exported backbone is a .pt of weights with a .json "
-                                   f"({what}) beside it, as `python -m ssl_modules export` writes")
+    """An export of ``python -m ssl_modules export`` in either layout (``ssl_modules.checkpoints.export``)."""
+    if path.is_dir() and not is_export_folder(path):
+        raise ModelSourceError(f"{path} is a folder without {CONFIG_NAME}: pass an export folder (config.json and "
+                               "model.safetensors, as `python -m ssl_modules export <ckpt> <folder>` writes), a .ckpt, "
+                               "an exported backbone .pt or a timm name")
+    if not path.exists() and path.suffix not in (".pt", ".pth", ".json"):
+        raise ModelSourceError(f"no export folder at {path}")  # local-dir:<path> of a missing folder
     try:
-        meta = json.loads(meta_path.read_text())
-        name, kwargs = meta["name"], dict(meta.get("model_kwargs", {}))
-    except (ValueError, KeyError) as error:
-        raise ModelSourceError(f"{meta_path} is not an export's metadata (needs 'name' and 'model_kwargs'): "
-                               f"{error}") from error
-    kwargs.pop("num_classes", None)
-    backbone = Backbone(name, **kwargs)
-    state = read_checkpoint(weights, trust_checkpoint=trust, lightning=False)
-    backbone.model.load_state_dict(state, strict=True)
-    return backbone
+        return load_exported_backbone(path, trust_checkpoint=trust)
+    except UntrustedCheckpointError:
+        raise  # its message names the file, the refused types and the flag
+    except ValueError as error:
+        raise ModelSourceError(str(error)) from error
 
 
 def _official(path: Path, method: str, teacher: bool, trust: bool) -> Backbone:
-    """An official CrIBo/BAM/VICRegL training checkpoint, read by ``ssl_modules.checkpoints.official.load_official``
+    """An official CrIBo/BAM/VICRegL training checkpoint, read by ``ssl_modules.methods.official.load_official``
     (``method="auto"`` tells the method from the checkpoint's layout)."""
-    from ssl_modules.checkpoints import official as official_loaders  # here: it builds every method's module
+    from ssl_modules.methods import official as official_loaders  # here: it builds every method's module
 
     if not path.is_file():
         raise ModelSourceError(f"no official checkpoint at {path}")
@@ -118,10 +120,15 @@ def _official(path: Path, method: str, teacher: bool, trust: bool) -> Backbone:
     return _module_backbone(module, teacher)
 
 
-def _timm(name: str, kwargs: dict[str, Any]) -> Backbone:
+def timm_name(name: str) -> bool:
+    """Whether timm has a model called ``name`` (a pretrained tag after a dot allowed)."""
     import timm
 
-    if not timm.is_model(name.split(".")[0]):
+    return bool(timm.is_model(name.split(".")[0]))
+
+
+def _timm(name: str, kwargs: dict[str, Any]) -> Backbone:
+    if not timm_name(name):
         raise ModelSourceError(f"{name!r} is neither a file nor a timm model name; pass a .ckpt, an exported "
                                "backbone .pt, an official checkpoint with --official, or a timm name")
     return Backbone(name, **kwargs)
@@ -133,3 +140,12 @@ def describe_source(source: Any) -> str:
         name = getattr(getattr(source, "embedding_backbone", source), "name", type(source).__name__)
         return f"{type(source).__name__}({name})"
     return str(source)
+
+
+def load_exported_backbone(path: str | Path, trust_checkpoint: bool = False, **options: Any) -> Backbone:
+    """A :class:`~ssl_modules.Backbone` holding an export (either layout), loaded strictly. ``options``:
+    ``Backbone`` options that are no timm arguments (``global_pool``, ``layer_scale``)."""
+    name, kwargs, state = read_export(path, trust_checkpoint)
+    backbone = Backbone(name, **options, **kwargs)
+    backbone.load_official_weights(state)  # strict, with layer scales of ones for a layer_scale=False model
+    return backbone

@@ -278,19 +278,33 @@ def load_official(path: str | Path, method: str | None = None, module: SSLModule
     return module
 
 
-def load_backbone_weights(path: str | Path, name: str, *, trust_checkpoint: bool = False, **kwargs: Any) -> Backbone:
+def load_backbone_weights(path: str | Path, name: str | None = None, *, trust_checkpoint: bool = False,
+                          **kwargs: Any) -> Backbone:
     """A :class:`~ssl_modules.Backbone` ``name`` (``kwargs``: its options and timm arguments) holding the
     weights of ``path``: an official backbone release, a full official checkpoint (its teacher's backbone),
-    a Lightning checkpoint of this library or ``export``'s ``backbone.pt``. ``trust_checkpoint``: see
-    :func:`load_official`."""
+    a Lightning checkpoint of this library, or an export of ``export`` (``backbone.pt``, or a folder with
+    ``config.json`` and ``model.safetensors``). For an export ``name`` may be left out: the export records it,
+    and its timm arguments are the defaults of ``kwargs``. ``trust_checkpoint``: see :func:`load_official`."""
+    from ssl_modules.checkpoints.export import is_export_folder, read_export
+
+    if is_export_folder(path) or Path(path).with_suffix(".json").is_file():  # an export records its model
+        recorded, model_kwargs, state = read_export(path, trust_checkpoint)
+        backbone = Backbone(name or recorded, **{**model_kwargs, **kwargs})
+        try:
+            backbone.load_official_weights(state)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        return backbone
+    if name is None:
+        raise ValueError(f"{path}: name the timm model of these weights (only an export records it)")
     return Backbone(name, weights=path, trust_checkpoint=trust_checkpoint, **kwargs)
 
 
 def export_official(path: str | Path, output: str | Path, method: str | None = None, *,
                     trust_checkpoint: bool = False, **module_kwargs: Any) -> Path:
     """Write the (teacher's) backbone of an official checkpoint as timm weights, as ``export`` does for the
-    library's own checkpoints (``output`` and ``output.json`` with the timm name and kwargs).
-    ``trust_checkpoint``: see :func:`load_official`."""
+    library's own checkpoints (a ``.pt`` with a ``.json`` of the timm name and kwargs, or a folder that timm loads
+    by name: ``ssl_modules.checkpoints.export``). ``trust_checkpoint``: see :func:`load_official`."""
     module = load_official(path, method, trust_checkpoint=trust_checkpoint, **module_kwargs)
     return module.export_backbone(output)
 
