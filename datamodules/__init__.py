@@ -1,7 +1,7 @@
 """LightningDataModules and the multi-crop view pipeline."""
 from .base import ClassificationDataMixin, ImageList, LayoutError, PretrainDataModule
 from .coco import COCODataModule
-from .datasets import ImageFiles, MultiCropImages, SegmentationPairs, UnknownMaskValueError
+from .datasets import ImageFiles, MultiCropImages, SegmentationPairs, UnknownMaskValueError, UnreadableImageError
 from .folder import ImageFolderDataModule
 from .imagenet import ImageNetDataModule
 from .resumable import ResumableDataLoader, ResumableSampler
@@ -39,6 +39,7 @@ __all__ = [
     "read_mask",
     "LayoutError",
     "UnknownMaskValueError",
+    "UnreadableImageError",
     "MaskFormatError",
     "CorruptImageWarning",
 ]
