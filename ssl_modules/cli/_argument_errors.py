@@ -206,8 +206,23 @@ def refused_arguments(error: BaseException, argv: list[str], subcommand: str) ->
     lines = [f"error: {label} refused its arguments: {cause}"]
     if source:
         lines.append(f"  {source}")
+    if option == "--trainer" and _asks_for_a_missing_gpu(cause):
+        lines.append(f"  this machine has no GPU; to try the config on its CPU add: {' '.join(CPU_OVERRIDES)} "
+                     "(and a smaller --data.init_args.batch_size)")
     lines.append(f"(python -m ssl_modules {subcommand} --help lists the options)")
     return "\n".join(lines)
+
+
+#: What turns a multi-GPU paper config into a one-process CPU run (docs/failures.md).
+CPU_OVERRIDES = ("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+                 "--trainer.strategy", "auto", "--trainer.precision", "32-true")
+
+
+def _asks_for_a_missing_gpu(cause: BaseException) -> bool:
+    """Whether the Trainer refused a GPU accelerator that this machine lacks (Lightning's wordings)."""
+    text = str(cause).lower()
+    return any(words in text for words in ("no supported gpu backend", "cuda is not available",
+                                           "gpuaccelerator` can not run on your system"))
 
 
 # ------------------------------------------------------------------------------- evaluate and export

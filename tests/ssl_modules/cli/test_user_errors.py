@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support.cli_testkit import InjectNaN, tiny_config
 
-from ssl_modules.cli import _run_checks, lightning, main
+from ssl_modules.cli import _argument_errors, _run_checks, lightning, main
 from ssl_modules.cli._errors import failure_message
 
 
@@ -67,6 +67,38 @@ def test_a_constructor_refusing_a_value_gives_its_own_message_and_exit_2(argumen
         assert needle in err, err
     assert_one_message(err)
     assert not (tmp_path / "run").exists()
+
+
+PAPER_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "configs" / "vicregl" / "resnet50_alpha0.75.yaml"
+
+
+def test_a_gpu_config_on_a_machine_without_gpu_says_how_to_run_it_on_the_cpu(tmp_path, capsys, monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))  # whatever this machine has
+    code, _, err = run(["fit", "--config", str(PAPER_CONFIG), "--data.init_args.root", str(tmp_path)], capsys)
+    assert code == 2, err
+    assert "Trainer (--trainer) refused its arguments" in err and "this machine has no GPU" in err, err
+    assert " ".join(_argument_errors.CPU_OVERRIDES) in err
+    assert_one_message(err, most_lines=4)
+
+
+def test_the_suggested_cpu_overrides_build_the_paper_config_on_the_cpu(monkeypatch):
+    import torch
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from ssl_modules.methods.base import SSLModule
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr("sys.argv", ["ssl_modules"])
+    with torch.device("meta"):  # the ResNet-50 at full size, without its memory
+        cli = lightning.SSLCLI(SSLModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                               run=False, auto_configure_optimizers=False,
+                               args=["--config", str(PAPER_CONFIG), *_argument_errors.CPU_OVERRIDES,
+                                     "--trainer.logger", "false"])
+    assert isinstance(cli.trainer.accelerator, CPUAccelerator) and cli.trainer.world_size == 1
+    assert cli.trainer.precision == "32-true"
 
 
 @pytest.mark.parametrize(("arguments", "suggestion"), [
