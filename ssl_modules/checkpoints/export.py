@@ -199,15 +199,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoi
 def _export_library_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoint: bool) -> Path:
     """A checkpoint of this library: through its module, or from what it records when its class (a user's
     subclass in a script) cannot be imported."""
-    from ssl_modules.checkpoints.reading import load_module, read_checkpoint, recorded_class
+    from ssl_modules.checkpoints.reading import importable_class, load_module, read_checkpoint
 
     # the trust rule: docs/resume.md; memory-mapped, as load_module reads the file again
     data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint, mmap=True)
-    try:
-        recorded_class(data.get("ssl_module_class", ""))
-    except (ImportError, AttributeError, ValueError):
-        if "ssl_module_backbone" in data:
-            return export_from_checkpoint(data, output)
+    if importable_class(data.get("ssl_module_class", "")) is None and "ssl_module_backbone" in data:
+        return export_from_checkpoint(data, output)
     return load_module(checkpoint, trust_checkpoint=trust_checkpoint).export_backbone(output)
 
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from ssl_modules.methods.base import SSLModule
 
 __all__ = ["SAFE_TYPES", "TRUST_FLAG", "CheckpointFileError", "CheckpointTrustWarning", "UntrustedCheckpointError",
-           "check_checkpoint_file", "class_path", "load_module", "read_checkpoint", "recorded_class",
-           "safe_types_allowed"]
+           "check_checkpoint_file", "class_path", "importable_class", "load_module", "read_checkpoint",
+           "recorded_class", "safe_types_allowed"]
 
 _EXPECTED = "expected a .ckpt file written by a Lightning Trainer (ModelCheckpoint or Trainer.save_checkpoint)"
 
@@ -228,6 +228,14 @@ def class_path(cls: type) -> str:
     if getattr(ssl_modules, cls.__name__, None) is cls:
         return f"ssl_modules.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def importable_class(path: str) -> type | None:
+    """:func:`recorded_class`, or None where the class cannot be imported (a user's script, a moved module)."""
+    try:
+        return recorded_class(path)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def recorded_class(path: str) -> type:

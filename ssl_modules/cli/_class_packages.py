@@ -16,16 +16,17 @@ import importlib
 from importlib.metadata import entry_points
 from types import ModuleType
 
+from ssl_modules.cli._errors import PACKAGES
+
 __all__ = ["ENTRY_POINT_GROUP", "class_package_names", "import_class_packages"]
 
 ENTRY_POINT_GROUP = "ssl_modules.cli_classes"
-_WITHOUT_METADATA = ("ssl_modules", "datamodules", "callbacks")
 
 
 def class_package_names() -> tuple[str, ...]:
     """The registered package names, the library's first."""
     registered = [entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)]
-    ours = [name for name in _WITHOUT_METADATA if name in registered] or list(_WITHOUT_METADATA)
+    ours = [name for name in PACKAGES if name in registered] or list(PACKAGES)
     return tuple(dict.fromkeys(ours + registered))
 
 

@@ -360,21 +360,14 @@ def checkpoint_class(checkpoint: Mapping[str, Any]) -> str | None:
 
 def check_checkpoint_class(checkpoint: Mapping[str, Any], model_class: type, path: str | Path) -> None:
     """A ``ValueError`` naming both classes unless ``checkpoint`` was written by ``model_class``."""
-    from ssl_modules.checkpoints.reading import class_path, recorded_class
+    from ssl_modules.checkpoints.reading import class_path, importable_class
 
     written_by = checkpoint_class(checkpoint)
     wanted = class_path(model_class)
-    if written_by is not None and written_by != wanted and _importable(written_by, recorded_class) is not model_class:
+    if written_by is not None and written_by != wanted and importable_class(written_by) is not model_class:
         raise ValueError(
             f"--ckpt_path {path} was written by {written_by}, but this run's model is {wanted}: resume with the "
             f"config of the run that wrote it (model.class_path: {written_by}), or start a new run without ckpt_path")
-
-
-def _importable(path: str, resolve: Callable[[str], type]) -> type | None:
-    try:
-        return resolve(path)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 def hparam_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
