@@ -3,12 +3,16 @@
     python benchmarks/gpu_suite.py                # paper shapes, bf16-mixed, on the GPU (< 8 min on one H200-class GPU)
     python benchmarks/gpu_suite.py --smoke        # tiny shapes on the CPU (what the test suite runs)
     python benchmarks/gpu_suite.py --cases cribo_vit_s16 --json out.json
+    python benchmarks/gpu_suite.py --world 8         # + the distributed rows on 8 GPUs (distributed_rows.py)
 
 For each case: the full training step inside a ``Trainer`` (forward, losses, backward, optimizer step, EMA),
 the bare backbone work over the same crops (student forward + backward, teacher forward; see
 ``step_overhead.py``), their ratio, images per second, the peak GPU memory of the step
 (``torch.cuda.max_memory_allocated``) and whether every loss was finite. Then the data pipeline's views per
-second on one CPU core (one DataLoader worker) for each paper recipe. Prints one table and writes JSON.
+second on one CPU core (one DataLoader worker) for each paper recipe. With ``--world N`` it adds the distributed
+rows of ``distributed_rows.py`` on N GPUs (N CPU processes with ``--smoke``): DDP vs FSDP2 for every method and
+CrIBo's replicated vs sharded memory bank (step time, peak memory, parameters and bank rows per process). Prints
+one table and writes JSON.
 
 Cases (per-GPU batch 64, as in the papers' 1024-image batches on 16 GPUs):
 - ``cribo_vit_s16``: CrIBo ViT-S/16, 2 x 224, its full memory bank (25,000 images x 32 objects = 800k rows).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,6 +154,22 @@ def format_table(results: list[dict], rates: dict[str, float], device: str, prec
     return "\n".join(lines)
 
 
+def distributed_rows(world: int, smoke: bool, precision: str) -> list[dict]:
+    """The rows of ``distributed_rows.py`` at ``world`` processes, run as its own command (Lightning starts the
+    other processes by re-running it); its table is printed as it comes."""
+    script = Path(__file__).resolve().parent / "distributed_rows.py"
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        command = [sys.executable, str(script), "--world", str(world), "--precision", precision, "--json", str(out),
+                   *(["--smoke"] if smoke else [])]
+        print(f"\ndistributed rows, {world} processes:", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        print(done.stdout[done.stdout.find("row "):])
+        return json.loads(out.read_text())["rows"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, 32-true, 2 steps")
@@ -158,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 10; 2 smoke)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 smoke)")
     parser.add_argument("--pipeline-seconds", type=float, default=None)
+    parser.add_argument("--world", type=int, default=1,
+                        help="also the distributed rows (DDP vs FSDP2, replicated vs sharded bank) on this many GPUs")
     parser.add_argument("--json", type=Path, default=Path("gpu_suite.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
@@ -180,9 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
                            args.pipeline_seconds or (0.2 if args.smoke else 3.0), args.smoke)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(format_table(results, rates, name, precision))
+    distributed = distributed_rows(args.world, args.smoke, precision) if args.world > 1 else []
     report = dict(device=name, precision=precision, torch=torch.__version__, steps=steps, warmup=warmup,
                   date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - start, cases=results,
-                  pipeline_views_per_s_per_core=rates)
+                  pipeline_views_per_s_per_core=rates, distributed=distributed)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json} ({report['seconds']:.0f} s)")

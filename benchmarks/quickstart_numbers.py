@@ -133,6 +133,42 @@ def evaluate_values(checkpoint: Path, data: Any) -> tuple[dict[str, float], dict
     return values, settings
 
 
+# ----------------------------------------------------------------------------- the README's evaluate table
+# the README's command: the presets at the model's 32 px, the linear head on un-augmented features
+README_PROTOCOLS = ("knn", "linear", "hummingbird")
+README_OVERRIDES: dict[str, dict[str, Any]] = {"linear": {"augment": False}}
+QUICKSTART_VIT = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 96, "num_heads": 3}
+
+
+def readme_evaluation(backbone: Path, data_root: Path) -> dict[str, Any]:
+    """``evaluate`` as the README runs it on the trained backbone and on the two baselines (a randomly
+    initialised ViT of the quickstart's shape, drawn after ``torch.manual_seed(0)``; raw pixels in 8-px cells at
+    32 px): per model, the metrics, the seconds and the protocol cards."""
+    from ssl_modules import Backbone
+    from ssl_modules.evaluation import evaluate
+    from ssl_modules.methods.baselines import RawPixels
+
+    torch.manual_seed(0)
+    random_vit = Backbone("vit_tiny_patch16_224", **QUICKSTART_VIT)
+
+    data = next(data_root.glob("scenes-48px-6c-4000+500-*"))
+    common = dict(imagenet=str(data / "imagenet"), voc=str(data / "voc"), voc_classes=7,
+                  overrides=README_OVERRIDES, show_progress=False, num_workers=2)
+    models = {"trained": (str(backbone), {}), "random init": (random_vit, {}),
+              "raw pixels": (RawPixels(patch_size=8), {"image_size": 32})}
+    numbers: dict[str, Any] = {}
+    for name, (model, extra) in models.items():
+        started = time.perf_counter()
+        report = evaluate(model, README_PROTOCOLS, **common, **extra)
+        numbers[name] = {"seconds": time.perf_counter() - started,
+                         "metrics": {f"{r.protocol}/{m}": v for r in report.results for m, v in r.metrics.items()},
+                         "floors": {r.protocol: r.floors for r in report.results},
+                         "cards": {r.protocol: r.card for r in report.results}}
+        print(f"{name:<12} {numbers[name]['seconds']:6.1f} s  " + "  ".join(
+            f"{k} {v:.3f}" for k, v in numbers[name]["metrics"].items() if k.endswith(("k20", "top1", "/miou"))))
+    return numbers
+
+
 # -------------------------------------------------------------------------------------------- measuring
 def measure(checkpoint: Path, config: Path, data_root: Path) -> dict[str, Any]:
     """Every number of the checkpoint, with what produced it."""
@@ -193,6 +229,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--train", type=Path, metavar="DIR", help=f"train a short run into DIR ({CHECKPOINT_NAME}, "
                                                                  "data/), then measure it")
     what.add_argument("--compare", type=Path, nargs=2, metavar=("A.json", "B.json"), help="print the differences")
+    what.add_argument("--readme-evaluate", type=Path, metavar="BACKBONE",
+                      help="the README's evaluate numbers: this exported backbone of a quickstart run and the two "
+                           "baselines, on the quickstart's cached scenes (--data-root: default ~/.cache/ssl_modules/"
+                           "synthetic)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--config", type=Path, default=None, help="default: the imported tree's quickstart.yaml")
     parser.add_argument("--data-root", type=Path, default=None,
@@ -208,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     if args.compare:
         return compare(*args.compare)
+    if args.readme_evaluate:
+        cache = Path(os.environ.get("SSL_MODULES_DATA", "~/.cache/ssl_modules")).expanduser()
+        root = args.data_root or cache / "synthetic"
+        numbers = readme_evaluation(args.readme_evaluate, root)
+        if args.json is not None:
+            args.json.write_text(json.dumps(numbers, indent=2, default=str) + "\n")
+        return 0
     import ssl_modules
 
     torch.set_num_threads(args.threads)

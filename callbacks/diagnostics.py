@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ssl_modules.run.optional_parts import isolated_rng
+from ssl_modules.run.sharding import gathered, sharded_units
 from ssl_modules.drawing import segmentation_comparison, tile
 
 __all__ = ["VisualDiagnostics", "tensorboard_writer", "log_segmentation_examples"]
@@ -44,7 +45,8 @@ class VisualDiagnostics(Callback):
     The module returns ``{name: float image (3, H, W) in [0, 1]}`` for a training batch (CrIBo's object
     clusters over the crops, VICRegL's matched cells, BAM's attention and Sinkhorn targets); each picture is
     added as ``<prefix><name>`` at the current global step. Runs on the global rank 0 process only (so
-    ``visual_diagnostics`` must issue no collective), before the batch's training step, and only when the
+    ``visual_diagnostics`` must issue no collective; under FSDP2 every process first gathers the sharded
+    parameters, ``docs/fsdp2.md``), before the batch's training step, and only when the
     trainer has a ``TensorBoardLogger`` (a warning says so once otherwise). Each picture carries its own
     caption (what the rows, columns and colours are). Drawing runs on the global random generators
     without changing them: a run with pictures trains exactly as the run without them, and resumes exactly.
@@ -64,6 +66,7 @@ class VisualDiagnostics(Callback):
             raise ValueError(f"every_n_steps={every_n_steps} must be at least 1")
         self.every_n_steps, self.prefix = every_n_steps, prefix
         self._last_step: int | None = None
+        self._gathered_step: int | None = None  # under FSDP2 (draw_gathered)
         self.failures: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -81,6 +84,23 @@ class VisualDiagnostics(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if sharded_units(pl_module):  # FSDP2: every forward is a collective (docs/fsdp2.md)
+            self.draw_gathered(trainer, pl_module, batch)
+        else:
+            self.draw(trainer, pl_module, batch)
+
+    def draw_gathered(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Under FSDP2: at every scheduled step (whether or not rank 0 still draws) every process gathers the
+        module's parameters together, and rank 0 draws on the gathered module."""
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or step == self._gathered_step:
+            return
+        self._gathered_step = step
+        with gathered(pl_module):
+            self.draw(trainer, pl_module, batch)
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Draw and log the pictures of ``batch`` if this process and step are due."""
         if not self.is_due(trainer):
             return
         writer = tensorboard_writer(trainer)

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ssl_modules.contracts import Features
@@ -23,6 +23,7 @@ from ssl_modules.evaluation.features import FeatureSelector, dense_map, extract_
 from ssl_modules.evaluation.metrics import compute_all, mean_iou, update_all
 from ssl_modules.run import distributed
 from ssl_modules.run.optional_parts import PartFailedError, agreed_failure, isolated_rng, stopped_early
+from ssl_modules.run.sharding import gathered
 
 from .data import check_probe_datasets, prepare_probe_data, resolve_probe_data
 
@@ -222,8 +223,11 @@ class Probe(Callback):
 
     # ---------------------------------------------------------------------------------- running
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Evaluate (every process together) and log the metrics; returns them."""
-        with trainable_context():
+        """Evaluate (every process together) and log the metrics; returns them. Under FSDP2 the embedding
+        backbone is gathered for the evaluation (its forwards then issue no collective, and the processes'
+        shards of batches may differ by one: ``docs/fsdp2.md``)."""
+        backbone = getattr(pl_module, "embedding_backbone", None)
+        with trainable_context(), gathered(backbone if isinstance(backbone, nn.Module) else pl_module):
             metrics = self.evaluate(trainer, pl_module)
         self.last_metrics = dict(metrics)
         self.last_floors = {k: v for k, v in self.floors().items() if k in metrics}

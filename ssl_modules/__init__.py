@@ -21,7 +21,9 @@ _EXPORTS = {
     "load_backbone_weights": "ssl_modules.methods.official",
     "ExactResume": "ssl_modules.run.resume",
     "ObjectMemoryBank": "ssl_modules.methods.memory_bank",
+    "ShardedObjectMemoryBank": "ssl_modules.methods.sharded_bank",
     "PerformanceOptions": "ssl_modules.run.performance",
+    "FSDP2Strategy": "ssl_modules.run.sharding",
     "NonFiniteGuard": "ssl_modules.run.guard",
     "NonFiniteLossError": "ssl_modules.run.guard",
 }
@@ -34,11 +36,13 @@ if TYPE_CHECKING:
     from ssl_modules.methods.base import SSLModule
     from ssl_modules.methods.cribo import CrIBo
     from ssl_modules.methods.memory_bank import ObjectMemoryBank
+    from ssl_modules.methods.sharded_bank import ShardedObjectMemoryBank
     from ssl_modules.methods.official import load_backbone_weights, load_official, save_official
     from ssl_modules.methods.vicregl import VICRegL
     from ssl_modules.networks.backbones import Backbone
     from ssl_modules.run.guard import NonFiniteGuard, NonFiniteLossError
     from ssl_modules.run.performance import PerformanceOptions
+    from ssl_modules.run.sharding import FSDP2Strategy
     from ssl_modules.run.resume import ExactResume
 
 

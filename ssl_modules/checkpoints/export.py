@@ -72,11 +72,19 @@ def export_layout(output: str | Path) -> Literal["file", "folder"]:
 
 def non_finite_weights(state: Mapping[str, Tensor]) -> str | None:
     """``"N tensors: a, b, ..."`` naming the first floating tensors of ``state`` that hold NaN/Inf; None if none
-    does (one device sync for the whole state)."""
+    does (one device sync for the whole state).
+
+    Sharded tensors (FSDP2's DTensors) are checked shard by shard and the verdicts combined over all processes
+    (one all-reduce: under FSDP2 every process must call this, as every process saves a checkpoint)."""
     floating = [(name, value) for name, value in state.items() if value.is_floating_point()]
     if not floating:
         return None
-    finite = torch.stack([torch.isfinite(value).all() for _, value in floating]).tolist()
+    local = [value.to_local() if _is_dtensor(value) else value for _, value in floating]
+    flags = torch.stack([torch.isfinite(value).all() for value in local])
+    if any(_is_dtensor(value) for _, value in floating):
+        flags = flags.to(torch.int32)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    finite = flags.bool().tolist()
     bad = [name for (name, _), ok in zip(floating, finite) if not ok]
     if not bad:
         return None
@@ -169,7 +177,25 @@ def export_backbone(backbone: Backbone, output: str | Path, mean: Sequence[float
                     std: Sequence[float] = IMAGENET_STD) -> Path:
     """Write a :class:`~ssl_modules.Backbone` (what ``SSLModule.export_backbone`` does with its embedding
     backbone): its weights in timm's names, layer scales a ``layer_scale=False`` model removed put back as ones."""
-    return write_export(backbone.timm_state_dict(), backbone.name, backbone.model_kwargs, output, mean, std)
+    state = backbone.timm_state_dict()
+    if not any(_is_dtensor(value) for value in state.values()):
+        return write_export(state, backbone.name, backbone.model_kwargs, output, mean, std)
+    gathered = getattr(backbone, "gathered_export_state", None)
+    if gathered is not None:  # a sharded backbone gathered at the end of training (ssl_modules.run.sharding)
+        return write_export(gathered, backbone.name, backbone.model_kwargs, output, mean, std)
+    # A sharded (FSDP2) backbone: every process gathers the whole tensors, the first one writes them.
+    state = {key: value.full_tensor().cpu() if _is_dtensor(value) else value.cpu() for key, value in state.items()}
+    try:
+        if torch.distributed.get_rank() == 0:
+            write_export(state, backbone.name, backbone.model_kwargs, output, mean, std)
+    finally:
+        torch.distributed.barrier()
+    return Path(output)
+
+
+def _is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a DTensor (a sharded parameter of an FSDP2 module)."""
+    return isinstance(value, Tensor) and hasattr(value, "full_tensor")
 
 
 def export_from_checkpoint(checkpoint: Mapping[str, Any], output: str | Path) -> Path:
@@ -199,10 +225,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoi
 def _export_library_checkpoint(checkpoint: str | Path, output: str | Path, trust_checkpoint: bool) -> Path:
     """A checkpoint of this library: through its module, or from what it records when its class (a user's
     subclass in a script) cannot be imported."""
-    from ssl_modules.checkpoints.reading import importable_class, load_module, read_checkpoint
+    from ssl_modules.checkpoints.reading import (importable_class, is_distributed_checkpoint, load_module,
+                                                 read_checkpoint)
 
-    # the trust rule: docs/resume.md; memory-mapped, as load_module reads the file again
-    data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint, mmap=True)
+    # the trust rule: docs/resume.md; memory-mapped, as load_module reads the file again (an FSDP2 checkpoint
+    # folder is read whole: its tensors are needed when the class cannot be imported)
+    data = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint,
+                           mmap=not is_distributed_checkpoint(checkpoint))
     if importable_class(data.get("ssl_module_class", "")) is None and "ssl_module_backbone" in data:
         return export_from_checkpoint(data, output)
     return load_module(checkpoint, trust_checkpoint=trust_checkpoint).export_backbone(output)

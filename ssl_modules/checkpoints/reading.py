@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     from ssl_modules.methods.base import SSLModule
 
 __all__ = ["SAFE_TYPES", "TRUST_FLAG", "CheckpointFileError", "CheckpointTrustWarning", "UntrustedCheckpointError",
-           "check_checkpoint_file", "class_path", "importable_class", "load_module", "read_checkpoint",
-           "recorded_class", "safe_types_allowed"]
+           "check_checkpoint_file", "class_path", "importable_class", "is_distributed_checkpoint", "load_module",
+           "read_checkpoint", "recorded_class", "safe_types_allowed"]
 
+_DCP_META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint folder
 _EXPECTED = "expected a .ckpt file written by a Lightning Trainer (ModelCheckpoint or Trainer.save_checkpoint)"
 
 #: Non-tensor types a weights-only read accepts besides torch's own: the official checkpoints' ``args``.
@@ -73,6 +74,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     truncation is caught here without unpickling anything.
     """
     path = Path(path)
+    if is_distributed_checkpoint(path):  # a folder of shards (FSDP2, docs/fsdp2.md): check its metadata file
+        check_checkpoint_file(path / _DCP_META)
+        return path
     _check_exists(path, f"checkpoint {path}", _EXPECTED)
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
@@ -87,6 +91,41 @@ def check_checkpoint_file(path: str | Path) -> Path:
     if not any(name.endswith("data.pkl") for name in names):
         raise CheckpointFileError(f"{path} is a zip archive but not a torch checkpoint (no data.pkl): {_EXPECTED}")
     return path
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a Lightning distributed checkpoint: the folder ``ModelParallelStrategy`` saves (one
+    shard file per process, ``.metadata`` of torch's distributed checkpoint, ``meta.pt`` with everything else)."""
+    path = Path(path)
+    return path.is_dir() and (path / _DCP_META).is_file() and (path / ".metadata").is_file()
+
+
+def _read_distributed_checkpoint(path: Path, map_location: Any, trust: bool, label: str, shards: bool) -> Any:
+    """A distributed checkpoint folder as one Lightning checkpoint dict: ``meta.pt`` (read under the trust rule)
+    with the whole ``state_dict`` assembled from the shards (``dcp_to_torch_save``, in this one process); the
+    optimizer shards are left out (nothing that reads a checkpoint as a file needs them: resume reads the folder
+    through the strategy). Without ``shards`` (a cheap look, ``mmap=True``), ``state_dict`` is left empty."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = _load(path / _DCP_META, map_location, trust, False, label, _EXPECTED)
+    if not shards:
+        if isinstance(checkpoint, dict):
+            checkpoint.setdefault("state_dict", {})
+        return checkpoint
+    with tempfile.TemporaryDirectory() as scratch:
+        whole = Path(scratch) / "whole.pt"
+        try:
+            dcp_to_torch_save(path, whole)
+        except Exception as error:
+            raise _unreadable(label, error, _EXPECTED) from error
+        with safe_types_allowed():
+            whole_state = torch.load(whole, map_location=map_location, weights_only=True)
+    if isinstance(checkpoint, dict):
+        checkpoint["state_dict"] = whole_state.get("state_dict", {})
+    return checkpoint
 
 
 def _check_exists(path: Path, label: str, expected: str) -> None:
@@ -115,7 +154,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust_checkp
         map_location: ``torch.load``'s ``map_location``.
         trust_checkpoint: fully unpickle the file (it can run any code it carries), with a
             :class:`CheckpointTrustWarning` naming it; only for files from a source you trust.
-        mmap: memory-map the tensors instead of reading them (a cheap look at the entries).
+        mmap: memory-map the tensors instead of reading them (a cheap look at the entries); a distributed
+            checkpoint folder (:func:`is_distributed_checkpoint`) then gives its entries with an empty
+            ``state_dict``, else its whole state assembled from the shards.
         lightning: the file must be a Lightning checkpoint (a torch archive with a ``state_dict`` entry);
             False: any dict (an official checkpoint, a state dict of weights).
         label: how messages name the file (default ``"checkpoint <path>"``).
@@ -131,7 +172,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust_checkp
         check_checkpoint_file(path)
     else:
         _check_exists(path, label, expected)
-    checkpoint = _load(path, map_location, trust_checkpoint, mmap, label, expected)
+    if is_distributed_checkpoint(path):
+        checkpoint = _read_distributed_checkpoint(path, map_location, trust_checkpoint, label, shards=not mmap)
+    else:
+        checkpoint = _load(path, map_location, trust_checkpoint, mmap, label, expected)
     return _checked_content(checkpoint, label, lightning, expected)
 
 
@@ -216,8 +260,27 @@ def load_module(path: str | Path, map_location: Any = "cpu", *, trust_checkpoint
     if class_path is None:
         raise CheckpointFileError(f"{path} was not written by an SSLModule (no 'ssl_module_class' entry)")
     cls = recorded_class(class_path)
-    with _lightning_reads(trust_checkpoint) as kwargs:
-        return cls.load_from_checkpoint(path, map_location=map_location, **kwargs)
+    # The weights a run started from are in the checkpoint: its class must not read them again (the file may
+    # be gone); the record of where they came from is kept.
+    started_from = (checkpoint.get("hyper_parameters") or {}).get("backbone_weights")
+    skip_start = {"backbone_weights": None} if started_from is not None else {}
+    with contextlib.ExitStack() as stack:
+        if is_distributed_checkpoint(path):  # an FSDP2 folder: its shards assembled into one file Lightning reads
+            import tempfile
+
+            import torch
+
+            whole = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "whole.ckpt"
+            torch.save(read_checkpoint(path, trust_checkpoint=trust_checkpoint), whole)
+            path_read = whole
+        else:
+            path_read = path
+        with _lightning_reads(trust_checkpoint) as kwargs:
+            module = cls.load_from_checkpoint(path_read, map_location=map_location, **kwargs, **skip_start)
+    if skip_start:
+        module.hparams["backbone_weights"] = started_from
+        module.backbone_source = checkpoint.get("ssl_module_backbone_source")
+    return module
 
 
 def class_path(cls: type) -> str:

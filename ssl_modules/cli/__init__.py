@@ -1,7 +1,7 @@
-"""``python -m ssl_modules fit|validate|test|predict|export|evaluate`` (the ``ssl-modules`` console script).
+"""``python -m ssl_modules fit|validate|test|predict|export|evaluate|embed`` (the ``ssl-modules`` console script).
 
-Modules by role: ``lightning`` (``fit``/``validate``/...: ``SSLCLI``, ``run_cli``), ``export`` and ``evaluate``
-(their commands), and the internal ``_main`` (the dispatcher), ``_errors`` (exit codes, messages),
+Modules by role: ``lightning`` (``fit``/``validate``/...: ``SSLCLI``, ``run_cli``), ``export``, ``evaluate`` and
+``embed`` (their commands), and the internal ``_main`` (the dispatcher), ``_errors`` (exit codes, messages),
 ``_argument_errors`` (did-you-mean, short parse errors), ``_parsing`` (typed options with jsonargparse),
 ``_run_checks`` (checks before a run), ``_summary`` (the end-of-fit summary). ``SSLCLI`` and ``run_cli`` are loaded
 on first use, so that ``--help`` imports no Lightning.

@@ -1,9 +1,9 @@
 """``python -m ssl_modules <command>`` (the ``ssl-modules`` script): the dispatcher of the commands.
 
-``fit``/``validate``/``test``/``predict`` are Lightning's CLI (``ssl_modules.cli.lightning``), ``export`` and
-``evaluate`` their own modules; every command parses its options with jsonargparse and takes ``--config``. Exit
-codes (``ssl_modules.cli._errors``): 0 success, 1 a failed run, 2 a bad command line, 128 + N stopped by signal N.
-Importing this module imports neither torch nor Lightning, so ``--help`` is instant.
+``fit``/``validate``/``test``/``predict`` are Lightning's CLI (``ssl_modules.cli.lightning``), ``export``,
+``evaluate`` and ``embed`` their own modules; every command parses its options with jsonargparse and takes
+``--config``. Exit codes (``ssl_modules.cli._errors``): 0 success, 1 a failed run, 2 a bad command line, 128 + N
+stopped by signal N. Importing this module imports neither torch nor Lightning, so ``--help`` is instant.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ssl_modules.cli._errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandLin
 __all__ = ["HELP", "COMMANDS", "main"]
 
 _LIGHTNING = ("fit", "validate", "test", "predict")  # ssl_modules.cli.lightning.SUBCOMMANDS, without importing it
-COMMANDS = (*_LIGHTNING, "export", "evaluate")
+COMMANDS = (*_LIGHTNING, "export", "evaluate", "embed")
 
 HELP = """\
 usage: python -m ssl_modules <command> [options]   (or: ssl-modules <command> ...)
@@ -33,6 +33,8 @@ commands:
              (a folder: timm.create_model("local-dir:<folder>", pretrained=True) loads it)
   evaluate   offline evaluation protocols (k-NN, linear, segmentation, retrieval) on a checkpoint:
              ... evaluate <ckpt> --protocols linear --imagenet <root> --linear.preset bam --linear.epochs 10
+  embed      global and patch features of a folder of images, in a safetensors file:
+             ... embed <ckpt> --images <folder> --output features.safetensors
 
 "python -m ssl_modules <command> --help" lists a command's options; every command takes --config <yaml>.
 Exit codes: 0 success, 1 failed run or unreadable input, 2 bad command line, 128 + N stopped by signal N
@@ -54,7 +56,7 @@ def main(args: list[str] | None = None) -> int:
 def _run_command(argv: list[str]) -> int:
     """Run the command ``argv[0]``; its exit code (errors propagate to :func:`main`)."""
     command, arguments = argv[0], argv[1:]
-    if command in ("export", "evaluate"):
+    if command in ("export", "evaluate", "embed"):
         return _own_command(command, arguments)
     if command not in _LIGHTNING and not command.startswith("-"):
         close = difflib.get_close_matches(command, COMMANDS, n=1)
@@ -64,7 +66,7 @@ def _run_command(argv: list[str]) -> int:
 
 
 def _own_command(command: str, arguments: list[str]) -> int:
-    """``export`` or ``evaluate``: its module's ``main``; ``--help`` and ``--print_config`` exit 0."""
+    """``export``, ``evaluate`` or ``embed``: its module's ``main``; ``--help`` and ``--print_config`` exit 0."""
     try:
         module = importlib.import_module(f"ssl_modules.cli.{command}")
     except ModuleNotFoundError as error:

@@ -37,12 +37,18 @@ _EXAMPLES = (
     "  Hummingbird retrieval (CrIBo):        evaluate last.ckpt --protocols hummingbird --voc /data/VOCdevkit\n"
     "  several protocols, one extraction:    evaluate last.ckpt --protocols knn linear --imagenet /data/imagenet\n"
     "  fewer epochs:                         ... --linear.epochs 10 --hummingbird.memory_size 1024000\n"
+    "  ADE20K / Cityscapes / COCO-Stuff:     evaluate last.ckpt --protocols hummingbird --seg_dataset ade20k"
+    " --seg_root /data/ADEChallengeData2016\n"
+    "  the quickstart (48-px scenes, 7 mask classes; sizes follow the model's 32 px, --image_size to change):\n"
+    "    evaluate last.ckpt --protocols knn linear hummingbird --imagenet $DATA/imagenet --voc $DATA/voc"
+    " --voc_classes 7\n"
+    "  mean ± std over seeds:                ... --protocols linear hummingbird --seeds 3\n"
     "  from a file:                          evaluate last.ckpt --config eval.yaml  (--print_config writes one)\n"
     "  many GPUs:                            torchrun --nproc_per_node 8 -m ssl_modules evaluate ...\n"
 )
 # evaluate()'s parameters that get their own typed option here (choices, flags) or are the nested groups
 _OWN_OPTIONS = {"model", "protocols", "presets", "overrides", "official", "teacher", "precision", "device",
-                "show_progress", "trust_checkpoint"}
+                "show_progress", "trust_checkpoint", "seg_dataset"}
 
 
 def _settings_types() -> dict[str, type]:
@@ -65,6 +71,7 @@ def _presets_help() -> str:
 def build_parser() -> ArgumentParser:
     """The argument parser of ``evaluate``."""
     from ssl_modules.evaluation.api import PRESETS, PROTOCOLS, evaluate
+    from ssl_modules.evaluation.layouts import SEGMENTATION_DATASETS
 
     parser = command_parser("evaluate", "Evaluate a backbone with the papers' protocols (frozen backbone, float32 "
                                         "features).", _presets_help() + "\n\n" + _EXAMPLES)
@@ -77,6 +84,8 @@ def build_parser() -> ArgumentParser:
                         help="the model is an official checkpoint of this method (auto: told from its layout)")
     parser.add_function_arguments(evaluate, as_group=False, skip=_OWN_OPTIONS)
     parser.set_defaults(num_workers=min(4, usable_cpus()), output="evaluation")
+    parser.add_argument("--seg_dataset", type=Literal[tuple(SEGMENTATION_DATASETS)], default="voc",
+                        help=doc.get("seg_dataset", ""))
     parser.add_argument("--precision", type=Literal["32", "bf16", "16"], default="32", help=doc.get("precision", ""))
     parser.add_argument("--device", type=str | None, default=None, help="cuda, cuda:1, cpu (default: this "
                         "process's CUDA device when there is one, else the CPU)")
@@ -110,7 +119,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
             presets[protocol] = preset
         if changed:
             overrides[protocol] = changed
-    kwargs = {name: values[name] for name in ("model", "protocols", "imagenet", "voc", "voc_classes", "official",
+    kwargs = {name: values[name] for name in ("model", "protocols", "imagenet", "voc", "voc_classes", "seg_dataset",
+                                              "seg_root", "image_size", "seeds", "official",
                                               "teacher", "precision", "device", "batch_size", "num_workers",
                                               "output", "cache_dir", "show_progress", "trust_checkpoint")}
     kwargs.update(presets=presets, overrides=overrides, timm_kwargs=dict(values["timm_kwargs"] or {}))
@@ -148,7 +158,8 @@ def check_command_line(kwargs: dict[str, Any]) -> None:
     try:
         for protocol in dict.fromkeys([*presets, *overrides]):
             check_settings(protocol, presets.get(protocol), overrides.get(protocol))
-        check_roots_given(kwargs["protocols"], kwargs["imagenet"], kwargs["voc"])
+        check_roots_given(kwargs["protocols"], kwargs["imagenet"], kwargs["seg_root"] or kwargs["voc"],
+                          kwargs["seg_dataset"])
     except ValueError as error:
         raise CommandLineError(f"error: {error} (python -m ssl_modules evaluate --help lists the options)") from None
 

@@ -208,6 +208,12 @@ def _cli_class() -> type[LightningCLI]:
             self._report_validate()
 
         def _export_and_report(self, run_dir: Path) -> None:
+            from ssl_modules.run.sharding import gather_for_export, is_sharded
+
+            backbone = self.model.embedding_backbone
+            sharded = any(is_sharded(p) for p in backbone.parameters())
+            if sharded and getattr(backbone, "gathered_export_state", None) is None:
+                gather_for_export(backbone)  # any FSDP2 strategy: a collective, so rank 0 alone can write it
             if not self.trainer.is_global_zero:
                 return
             self.exported = self.model.export_backbone(run_dir / "backbone.pt")

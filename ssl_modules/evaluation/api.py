@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from ssl_modules.evaluation.sources import describe_source, load_backbone
+from ssl_modules.evaluation.cards import SEEDED, mean_and_std, protocol_card
 from ssl_modules.evaluation.checks import check_dataset
-from ssl_modules.evaluation.datasets import imagenet_split, voc_split
+from ssl_modules.evaluation.datasets import imagenet_split
+from ssl_modules.evaluation.layouts import SEGMENTATION_DATASETS, segmentation_classes, segmentation_split
+from ssl_modules.evaluation.sizes import SizeRule, scaled_settings, size_rule
 from ssl_modules.evaluation.features import Extractor, FeatureCache
 from ssl_modules.evaluation.hummingbird import HummingbirdSettings, run_hummingbird
 from ssl_modules.evaluation.knn import KNNSettings, run_knn
@@ -54,6 +57,9 @@ class ProtocolResult:
     floors: dict[str, float]
     settings: dict[str, Any]
     seconds: float
+    card: dict[str, Any] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    per_seed: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -69,15 +75,23 @@ class EvaluationReport:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        """A plain-text table: protocol, preset, metric, value, floors."""
+        """A plain-text table: protocol, preset, metric, value (mean ± std over seeds), floors, and each
+        result's protocol card."""
         lines = [f"model: {self.model}   precision: {self.precision}   processes: {self.processes}",
-                 f"{'protocol':<12} {'preset':<14} {'metric':<18} {'value':>8}   floors"]
+                 f"{'protocol':<12} {'preset':<14} {'metric':<18} {'value':>17}   floors"]
         for result in self.results:
             floors = ", ".join(f"{k} {v:.4f}" for k, v in result.floors.items())
             for position, (metric, value) in enumerate(result.metrics.items()):
-                shown = f"{value:8.4f}" if metric != "memory_entries" else f"{int(value):8d}"
+                if metric == "memory_entries":
+                    shown = f"{int(value):17d}"
+                elif metric in result.std:
+                    shown = f"{value:8.4f} ± {result.std[metric]:.4f}"
+                else:
+                    shown = f"{value:17.4f}"
                 lines.append(f"{result.protocol:<12} {result.preset:<14} {metric:<18} {shown}   "
                              f"{floors if position == 0 else ''}")
+            if result.card:
+                lines.append(f"{'':<12} card: " + "; ".join(f"{k} {v}" for k, v in result.card.items()))
             lines.append(f"{'':<12} settings: {json.dumps(result.settings, default=str)}")
             lines.append(f"{'':<12} reproduces: {result.paper}")
         return "\n".join(lines)
@@ -134,20 +148,28 @@ def resolve_settings(protocol: str, preset: str | None, backbone: Any, overrides
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
-def check_roots_given(protocols: Sequence[str], imagenet: str | None, voc: str | None) -> None:
-    """A ``ValueError`` naming the option when a protocol's data root is not given (nothing is read)."""
+def check_roots_given(protocols: Sequence[str], imagenet: str | None, voc: str | None,
+                      seg_dataset: str = "voc") -> None:
+    """A ``ValueError`` naming the option when a protocol's data root is not given (nothing is read).
+    ``voc`` is the root of the segmentation protocols, whatever ``seg_dataset`` is."""
+    if seg_dataset not in SEGMENTATION_DATASETS:
+        raise ValueError(f"unknown seg_dataset {seg_dataset!r}; choose from {', '.join(SEGMENTATION_DATASETS)}")
     for protocol in protocols:
         kind = DATA_KIND[protocol]
         if (imagenet if kind == "imagenet" else voc) is None:
-            flag = "--imagenet" if kind == "imagenet" else "--voc"
-            raise ValueError(f"{protocol} needs {'an ImageNet-layout' if kind == 'imagenet' else 'a Pascal VOC'} "
-                             f"root: pass {flag} <folder> (imagenet=/voc= in Python)")
+            if kind == "imagenet":
+                raise ValueError(f"{protocol} needs an ImageNet-layout root: pass --imagenet <folder> "
+                                 "(imagenet= in Python)")
+            what = "a Pascal VOC" if seg_dataset == "voc" else f"a {seg_dataset}"
+            raise ValueError(f"{protocol} needs {what} root: pass --seg_root <folder> (or --voc <folder>; "
+                             "seg_root= or voc= in Python)")
 
 
-def check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21) -> None:
+def check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, voc_classes: int = 21,
+               seg_dataset: str = "voc") -> None:
     """An ``EvalDataError`` naming the problem unless every data set the protocols will read exists in its
     layout, is not empty, its first item reads and its masks have their images' sizes (``check_dataset``)."""
-    check_roots_given(protocols, imagenet, voc)
+    check_roots_given(protocols, imagenet, voc, seg_dataset)
     for protocol in protocols:
         kind = DATA_KIND[protocol]
         root = imagenet if kind == "imagenet" else voc
@@ -155,8 +177,10 @@ def check_data(protocols: Sequence[str], imagenet: str | None, voc: str | None, 
             if kind == "imagenet":
                 check_dataset(imagenet_split(root, split, lambda image, index: image), f"{root}/{split}")
             else:
-                pairs = voc_split(root, split, lambda image, mask, index: (image, mask), voc_classes)
-                check_dataset(pairs, f"VOC {split} of {root}")
+                pairs = segmentation_split(seg_dataset, root, split, lambda image, mask, index: (image, mask),
+                                           protocol, voc_classes)
+                what = "VOC" if seg_dataset == "voc" else seg_dataset
+                check_dataset(pairs, f"{what} {split} of {root}")
 
 
 def evaluate(
@@ -165,6 +189,10 @@ def evaluate(
     imagenet: str | None = None,
     voc: str | None = None,
     voc_classes: int = 21,
+    seg_dataset: str = "voc",
+    seg_root: str | None = None,
+    image_size: int | None = None,
+    seeds: int = 1,
     presets: dict[str, str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     official: str | None = None,
@@ -182,7 +210,7 @@ def evaluate(
     """Run the papers' evaluation protocols on a backbone.
 
     Under ``torch.distributed`` (e.g. ``torchrun``) every process must call this; the results equal a
-    one-process run.
+    one-process run. Every result carries its protocol card (``ProtocolResult.card``).
 
     Args:
         model: an ``SSLModule``, a ``Backbone``, a ``.ckpt`` of this library, an exported ``backbone.pt``, an
@@ -191,9 +219,18 @@ def evaluate(
         imagenet: root with ``train/<class>/*`` and ``val/<class>/*`` (``knn``, ``linear``).
         voc: Pascal VOC root (``voc-linear``, ``hummingbird``).
         voc_classes: classes of the VOC-layout masks, background included (21 for Pascal VOC; the synthetic
-            scenes have ``num_object_classes + 1``).
+            scenes have ``num_object_classes + 1``, 7 for the quickstart's).
+        seg_dataset: the segmentation data set of ``voc-linear`` and ``hummingbird``: ``voc``, ``ade20k``,
+            ``cityscapes`` or ``coco-stuff`` (read as open-hummingbird-eval reads them; docs/evaluation.md).
+        seg_root: the root of ``seg_dataset`` (default: ``voc``).
+        image_size: the input size the presets' image sizes are scaled to (ratio ``image_size / 224``; crops and
+            Hummingbird's 512 px alike). Default: the model's own input size when it is below 224 px (e.g. 32
+            for the quickstart's ViT), else the papers' sizes; 224 keeps the presets exact.
+        seeds: runs of each seeded protocol (``linear``, ``voc-linear``, ``hummingbird``) with seeds
+            ``seed, seed + 1, ...``; the metrics are their mean, ``std`` their sample std, ``per_seed`` each run's.
         presets: ``protocol -> preset`` (defaults: the first of ``PRESETS[protocol]``).
-        overrides: ``protocol -> {setting: value}`` on top of the preset (e.g. fewer epochs).
+        overrides: ``protocol -> {setting: value}`` on top of the preset (e.g. fewer epochs); a size given here
+            is used as it is (not scaled).
         official: method of an official checkpoint (``cribo``, ``bam``, ``vicregl``).
         teacher: evaluate the teacher backbone where the method has one (as CrIBo and BAM do).
         precision: ``"32"`` (default), ``"bf16"`` or ``"16"``.
@@ -211,20 +248,31 @@ def evaluate(
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds}: run each seeded protocol at least once (--seeds 1 or more)")
+    seg_root = seg_root if seg_root is not None else voc
+    check_roots_given(protocols, imagenet, seg_root, seg_dataset)
     presets = dict(presets or {})
-    overrides = {protocol: dict(values) for protocol, values in (overrides or {}).items()}
-    for protocol in ("hummingbird", "voc-linear"):
-        if protocol in protocols:
-            overrides.setdefault(protocol, {}).setdefault("num_classes", voc_classes)
+    given = {protocol: dict(values) for protocol, values in (overrides or {}).items()}
+    for protocol in protocols:
+        check_settings(protocol, presets.get(protocol), given.get(protocol))
     backbone = load_backbone(model, official=official, teacher=teacher, trust_checkpoint=trust_checkpoint,
                              **(timm_kwargs or {}))
-    settings = {p: resolve_settings(p, presets.get(p), backbone, overrides.get(p)) for p in protocols}
-    check_data(protocols, imagenet, voc, voc_classes)
+    rule = size_rule(backbone, image_size)
+    settings = {}
+    for protocol in protocols:
+        values = dict(given.get(protocol, {}))
+        if DATA_KIND[protocol] == "voc":
+            values.setdefault("num_classes", segmentation_classes(seg_dataset, seg_root, protocol, voc_classes))
+        base = scaled_settings(protocol, resolve_settings(protocol, presets.get(protocol), backbone), rule, values)
+        settings[protocol] = dataclasses.replace(base, **values) if values else base
+    check_data(protocols, imagenet, seg_root, voc_classes, seg_dataset)
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     was_training = backbone.training
+    data = _Data(imagenet, seg_root, seg_dataset)
     try:
-        report = _run_protocols(model, backbone, protocols, settings, presets, imagenet, voc, precision, device,
+        report = _run_protocols(model, backbone, protocols, settings, presets, data, rule, seeds, precision, device,
                                 batch_size, num_workers, show_progress, cache_dir)
     finally:
         backbone.train(was_training)
@@ -233,21 +281,42 @@ def evaluate(
     return report
 
 
+@dataclass(frozen=True)
+class _Data:
+    imagenet: str | None
+    seg_root: str | None
+    seg_dataset: str
+
+    def described(self, protocol: str) -> str:
+        if DATA_KIND[protocol] == "imagenet":
+            return f"ImageNet layout {self.imagenet}"
+        return f"{self.seg_dataset} {self.seg_root}"
+
+
 def _run_protocols(model: Any, backbone: Any, protocols: list[str], settings: dict[str, Any],
-                   presets: dict[str, str], imagenet: str | None, voc: str | None, precision: str, device: Any,
+                   presets: dict[str, str], data: _Data, rule: SizeRule, seeds: int, precision: str, device: Any,
                    batch_size: int, num_workers: int, show_progress: bool, cache_dir: Any) -> EvaluationReport:
     extractor = Extractor(backbone, device, precision, batch_size, num_workers, show_progress,
                           FeatureCache(Path(cache_dir) if cache_dir else None))
     report = EvaluationReport(describe_source(model), precision, distributed.world_size())
-    runners = {"knn": lambda s: run_knn(extractor, imagenet, s), "linear": lambda s: run_linear(extractor, imagenet, s),
-               "voc-linear": lambda s: run_voc_linear(extractor, voc, s),
-               "hummingbird": lambda s: run_hummingbird(extractor, voc, s)}
+    runners = {"knn": lambda s: run_knn(extractor, data.imagenet, s),
+               "linear": lambda s: run_linear(extractor, data.imagenet, s),
+               "voc-linear": lambda s: run_voc_linear(extractor, data.seg_root, s, data.seg_dataset),
+               "hummingbird": lambda s: run_hummingbird(extractor, data.seg_root, s, data.seg_dataset)}
     for protocol in protocols:
         start = time.perf_counter()
-        metrics, floors = runners[protocol](settings[protocol])
+        runs = [settings[protocol]]
+        if protocol in SEEDED:
+            runs = [dataclasses.replace(settings[protocol], seed=settings[protocol].seed + i) for i in range(seeds)]
+        outcomes = [runners[protocol](run) for run in runs]
+        per_seed = [metrics for metrics, _ in outcomes]
+        metrics, std = mean_and_std(per_seed)
         preset = presets.get(protocol) or next(iter(PRESETS[protocol]))
-        report.results.append(ProtocolResult(protocol, preset, PRESETS[protocol][preset], metrics, floors,
-                                             _plain(settings[protocol]), time.perf_counter() - start))
+        card = protocol_card(protocol, preset, settings[protocol], data.described(protocol), rule,
+                             [run.seed for run in runs] if protocol in SEEDED else [])
+        report.results.append(ProtocolResult(protocol, preset, PRESETS[protocol][preset], metrics, outcomes[0][1],
+                                             _plain(settings[protocol]), time.perf_counter() - start, card,
+                                             std if len(runs) > 1 else {}, per_seed if protocol in SEEDED else []))
     return report
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from datamodules.base import require_dir
-from datamodules.datasets import ImageFiles, SegmentationPairs
+from datamodules.datasets import ImageFiles, SegmentationPairs, UnknownMaskValueError
 from datamodules.imagenet import LAYOUT as IMAGENET_LAYOUT
 from datamodules.imagenet import class_folders, labelled_images
 from ssl_modules.evaluation.checks import EvalDataError, check_dataset
@@ -38,23 +39,43 @@ class ClassificationFolder(ImageFiles):
     def with_transform(self, transform: Callable[[Tensor, int], Tensor]) -> ClassificationFolder:
         return ClassificationFolder(self.files, self.labels, self.num_classes, transform)
 
+    def item_with(self, index: int, transform: Callable[[Tensor, int], Tensor]) -> tuple[Tensor, int]:
+        """Item ``index`` under another ``transform`` (e.g. another epoch's augmentation)."""
+        image, _ = self._decode_item(index)
+        return transform(image, index), self.labels[index]
+
 
 class SegmentationFiles(SegmentationPairs):
-    """``transform(image, mask, index) -> (float image, long mask)`` of image/mask files (255 = ignore)."""
+    """``transform(image, mask, index) -> (float image, long mask)`` of image/mask files (255 = ignore).
+
+    ``mask_lut`` (256 entries) maps the stored values to class indices first (Cityscapes' label ids to its
+    train ids, ADE20K's 0 to ignore, ...); a stored value whose entry is -1 is an error naming the file.
+    """
 
     unknown_values_fix = "masks must hold class indices"
 
     def __init__(self, images: list[Path], masks: list[Path], num_classes: int,
-                 transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> None:
+                 transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]],
+                 mask_lut: Tensor | None = None, layout: str = "") -> None:
         super().__init__(images, masks, _no_transform, num_classes)
-        self.indexed_transform = transform
+        self.indexed_transform, self.mask_lut, self.layout = transform, mask_lut, layout
+
+    def _checked(self, mask: Tensor, path: Path) -> Tensor:
+        if self.mask_lut is not None:
+            mapped = self.mask_lut[mask.long()]
+            if bool((mapped < 0).any()):
+                values = sorted(set(mask[mapped < 0].tolist()))
+                raise UnknownMaskValueError(f"{path} holds mask values {values[:10]} that {self.layout or 'the layout'}"
+                                            " does not define; is it a mask of that data set?")
+            mask = mapped.to(torch.uint8)
+        return super()._checked(mask, path)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, mask = self.indexed_transform(*self.read(index), index)
         return image, mask.long()
 
     def with_transform(self, transform: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> SegmentationFiles:
-        return SegmentationFiles(self.files, self.masks, self.num_classes, transform)
+        return SegmentationFiles(self.files, self.masks, self.num_classes, transform, self.mask_lut, self.layout)
 
 
 def _no_transform(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,8 @@ from ssl_modules.networks.backbones import Backbone, Features
 from ssl_modules.run import distributed
 from ssl_modules.run.distributed import gather_in_index_order
 
-__all__ = ["Extractor", "FeatureCache", "FeatureSelector", "global_vector", "dense_map", "progress", "extract_shard"]
+__all__ = ["Extractor", "FeatureCache", "FeatureSelector", "global_vector", "dense_map", "own_storage", "progress",
+           "extract_shard"]
 
 #: which features of a batch to keep: ``Features -> Tensor``
 FeatureSelector = Callable[[Features], Tensor]
@@ -30,22 +31,36 @@ FeatureSelector = Callable[[Features], Tensor]
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]
 
 
+def own_storage(tensor: Tensor) -> Tensor:
+    """``tensor`` itself when it is contiguous and its storage holds nothing else, else a compact copy.
+
+    A ViT's CLS vector is a view of the final ``(B, 1 + N, C)`` tokens: kept as it is, every stored batch
+    would keep all its tokens alive (what DINO's ``eval_knn.py`` avoids with ``model(samples).clone()``).
+    """
+    exact = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if tensor.is_contiguous() and tensor.storage_offset() == 0 and exact:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def global_vector(features: Features) -> Tensor:
-    """The pooled vectors ``(B, C)`` in float32 (CLS token for ViTs, pooled map for CNNs)."""
-    return features.global_.float()
+    """The pooled vectors ``(B, C)`` in float32 (CLS token for ViTs, pooled map for CNNs), in their own
+    storage (``own_storage``)."""
+    return own_storage(features.global_.float())
 
 
 def dense_map(features: Features) -> Tensor:
     """The dense features as contiguous maps ``(B, C, h, w)`` in float32 (tokens are row-major, ``N = h * w``).
 
     Contiguous on purpose: the transposed view would be channels-last, and convolutions and BatchNorm sum
-    in another order on that layout, so heads trained on gathered (contiguous) features would differ.
+    in another order on that layout, so heads trained on gathered (contiguous) features would differ. In their
+    own storage, as ``global_vector``.
     """
     batch, tokens, channels = features.dense.shape
     height, width = features.grid
     if height * width != tokens:
         raise ValueError(f"the backbone returned {tokens} dense tokens for a grid {features.grid}; they must match")
-    return features.dense.float().transpose(1, 2).reshape(batch, channels, height, width).contiguous()
+    return own_storage(features.dense.float().transpose(1, 2).reshape(batch, channels, height, width))
 
 
 def progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool = True,
@@ -74,15 +89,22 @@ def extract_shard(embed: Callable[[Tensor], Features], dataset: Dataset, chunks:
     """
     mine = shard_batches(chunks)
     batches = mine or [chunks[0][:1]]
+    rows = sum(len(batch) for batch in batches)
     loader = sharded_loader(dataset, batches, num_workers, pin_memory=pin_memory)
-    features, targets = [], []
+    features = targets = None
+    start = 0
     for images, target in (bar(loader, len(batches)) if bar is not None else loader):
-        features.append(select(embed(images)))
-        targets.append(torch.as_tensor(target).to(device))
+        selected, target = select(embed(images)), torch.as_tensor(target).to(device)
+        if features is None:  # one matrix of all rows, filled batch by batch: no list of batches, no cat
+            features = selected.new_empty((rows, *selected.shape[1:]))
+            targets = target.new_empty((rows, *target.shape[1:]))
+        features[start:start + len(selected)] = selected
+        targets[start:start + len(selected)] = target
+        start += len(selected)
     index = torch.tensor([i for batch in batches for i in batch], dtype=torch.long, device=device)
     if not mine:
-        return features[0][:0], targets[0][:0], index[:0]
-    return torch.cat(features), torch.cat(targets), index
+        return features[:0], targets[:0], index[:0]
+    return features, targets, index
 
 
 @dataclass
@@ -189,5 +211,7 @@ class Extractor:
         rows, targets, index = extract_shard(self.embed, dataset, batch_chunks(range(len(dataset)), self.batch_size),
                                              select, self.device, self.num_workers, self.device.type == "cuda",
                                              lambda loader, total: self.progress(loader, total, desc))
+        if not distributed.is_distributed():
+            return rows, targets  # one process reads every batch in order: already in dataset order
         _, features, labels = gather_in_index_order(index, rows, targets)
         return features, labels

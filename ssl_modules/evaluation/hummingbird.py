@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ssl_modules.evaluation.datasets import EvalDataError, voc_split
+from ssl_modules.evaluation.datasets import EvalDataError
 from ssl_modules.evaluation.features import Extractor, dense_map
+from ssl_modules.evaluation.layouts import segmentation_split
 from ssl_modules.evaluation.metrics import (
     confusion_counts,
     hungarian_miou,
@@ -91,9 +92,10 @@ class _ValTransform:
         return normalise(image, OPEN_HB_STD if self.settings.std == "open-hb" else IMAGENET_STD), mask
 
 
-def build_memory(extractor: Extractor, root: str, settings: HummingbirdSettings) -> tuple[Tensor, Tensor]:
+def build_memory(extractor: Extractor, root: str, settings: HummingbirdSettings, dataset: str = "voc"
+                 ) -> tuple[Tensor, Tensor]:
     """Memory features ``(M, C)`` (l2-normalised) and labels ``(M, K)``, the same on every process."""
-    base = voc_split(root, "train", _ValTransform(settings), settings.num_classes)
+    base = segmentation_split(dataset, root, "train", _ValTransform(settings), "hummingbird", settings.num_classes)
     per_image = None
     if settings.memory_size is not None:
         per_image = settings.memory_size // (len(base) * settings.augmentation_epochs)
@@ -130,12 +132,13 @@ def _kept_patches(labels: Tensor, per_image: int | None, seed: int, pass_number:
 
 
 @torch.no_grad()
-def run_hummingbird(extractor: Extractor, root: str, settings: HummingbirdSettings
+def run_hummingbird(extractor: Extractor, root: str, settings: HummingbirdSettings, dataset: str = "voc"
                     ) -> tuple[dict[str, float], dict[str, float]]:
-    """``(metrics, floors)`` of the retrieval protocol on a VOC root."""
-    memory, memory_labels = build_memory(extractor, root, settings)
+    """``(metrics, floors)`` of the retrieval protocol on a segmentation root (``dataset``: one of
+    ``layouts.SEGMENTATION_DATASETS``, default Pascal VOC)."""
+    memory, memory_labels = build_memory(extractor, root, settings, dataset)
     index = FlatIndex(memory, settings.backend)  # type: ignore[arg-type]
-    val = voc_split(root, "val", _ValTransform(settings), settings.num_classes)
+    val = segmentation_split(dataset, root, "val", _ValTransform(settings), "hummingbird", settings.num_classes)
     batches = extractor.my_batches(len(val))
     counts = confusion_counts(settings.num_classes, extractor.device)
     loader = extractor.loader(val, batches) if batches else []

@@ -4,6 +4,11 @@
 The whole training set is the bank; bank and queries are l2-normalised float32 global features; each query's
 ``k`` most cosine-similar bank images vote for their class with weight ``exp(sim / T)``; classes are ranked by
 their summed votes (ties broken as ``torch.sort`` does, as DINO does), giving top-1 and top-5.
+
+Memory follows DINO's script: the bank is one float32 ``(N, D)`` matrix filled batch by batch (no batch of tokens
+kept, no list of batches concatenated; ``ssl_modules.evaluation.features``), the search holds one normalised copy
+of it, and a query chunk's similarity matrix is at most ``SIMILARITY_ELEMENTS`` entries
+(``benchmarks/knn_memory.py`` measures the peak beside DINO's).
 """
 from __future__ import annotations
 
@@ -18,7 +23,11 @@ from ssl_modules.evaluation.features import Extractor, global_vector
 from ssl_modules.evaluation.transforms import normalise, resize_centre_crop
 from ssl_modules.run import distributed
 
-__all__ = ["KNNSettings", "weighted_knn_scores", "knn_classify", "run_knn", "classification_floors"]
+__all__ = ["KNNSettings", "SIMILARITY_ELEMENTS", "weighted_knn_scores", "query_chunk", "knn_classify", "run_knn",
+           "classification_floors"]
+
+#: the most entries of one query chunk's similarity matrix (512 MiB of float32)
+SIMILARITY_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -50,21 +59,32 @@ def weighted_knn_scores(similarities: Tensor, neighbour_labels: Tensor, num_clas
     return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 
+def query_chunk(bank_size: int, chunk: int) -> int:
+    """Queries per similarity matrix: ``chunk``, or fewer so that the ``(rows, bank_size)`` float32 matrix holds
+    at most ``SIMILARITY_ELEMENTS`` entries (DINO's ``eval_knn.py`` cuts the queries into 100 chunks; on
+    ImageNet, 500 queries x 1.28 M bank entries)."""
+    if chunk < 1:
+        raise ValueError(f"knn: chunk={chunk} must be at least 1 query")
+    return max(1, min(chunk, SIMILARITY_ELEMENTS // max(1, bank_size)))
+
+
 def knn_classify(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, num_classes: int,
                  ks: tuple[int, ...], temperature: float, chunk: int = 1024) -> dict[int, tuple[int, int]]:
     """``{k: (top-1 correct, top-5 correct)}`` counts of weighted k-NN voting of ``queries`` against ``bank``.
 
-    Inputs are raw features (normalised here). Queries are processed in chunks of ``chunk`` rows.
+    Inputs are raw features (normalised here). Queries are processed in chunks of at most ``chunk`` rows, fewer
+    where a chunk's similarity matrix would exceed ``SIMILARITY_ELEMENTS`` (``query_chunk``).
     """
     bank = F.normalize(bank.float(), dim=1, eps=1e-12)
     queries = F.normalize(queries.float(), dim=1, eps=1e-12)
     k_max = min(max(ks), bank.shape[0])
     counts = {k: [0, 0] for k in ks}
-    for start in range(0, queries.shape[0], chunk):
-        similarity = queries[start:start + chunk] @ bank.T
+    rows = query_chunk(bank.shape[0], chunk)
+    for start in range(0, queries.shape[0], rows):
+        similarity = queries[start:start + rows] @ bank.T
         values, neighbours = similarity.topk(k_max, dim=1, largest=True, sorted=True)
         labels = bank_labels.to(neighbours.device)[neighbours]
-        targets = query_labels[start:start + chunk].to(neighbours.device).long()
+        targets = query_labels[start:start + rows].to(neighbours.device).long()
         for k in ks:
             kk = min(k, k_max)
             scores = weighted_knn_scores(values[:, :kk], labels[:, :kk], num_classes, temperature)

@@ -12,19 +12,22 @@ Presets (Caron et al. 2021 ``eval_linear.py``; BAM ``eval_linear.py``; VICRegL `
 
 Training images: ``RandomResizedCrop(image_size)`` (scale 0.08-1) + horizontal flip; validation: resize to
 ``image_size * 256 / 224`` and centre crop. Top-1/top-5 of the validation set after the last epoch.
+``augment=False`` (not a paper's recipe) trains the head on the features of the un-augmented training images
+(the validation transform), extracted once: the online probes' cheap variant, for a quick CPU evaluation.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ssl_modules.evaluation.batches import global_batches, local_slice
-from ssl_modules.evaluation.datasets import imagenet_split
+from ssl_modules.evaluation.datasets import ClassificationFolder, imagenet_split
 from ssl_modules.evaluation.features import Extractor
 from ssl_modules.evaluation.knn import classification_floors
 from ssl_modules.evaluation.training import (
@@ -45,6 +48,7 @@ from ssl_modules.evaluation.transforms import (
 )
 from ssl_modules.networks.backbones import Backbone
 from ssl_modules.run import distributed
+from ssl_modules.run.distributed import gather_in_index_order
 
 __all__ = ["LinearSettings", "LINEAR_PRESETS", "linear_preset", "linear_features", "run_linear"]
 
@@ -62,6 +66,7 @@ class LinearSettings:
     epochs: int = 100
     batch_size: int = 1024
     image_size: int = 224
+    augment: bool = True
     seed: int = 0
     paper: str = ""
 
@@ -150,6 +155,40 @@ def _train_transform(size: int, seed: int, epoch: int) -> Callable[[Tensor, int]
     return transform
 
 
+class _EpochImages(Dataset):
+    """Item ``epoch * N + i`` of a training set of ``N`` images: image ``i`` with epoch ``epoch``'s augmentation."""
+
+    def __init__(self, train: ClassificationFolder, size: int, seed: int, epochs: int) -> None:
+        self.train, self.size, self.seed, self.epochs = train, size, seed, epochs
+
+    def __len__(self) -> int:
+        return len(self.train) * self.epochs
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        epoch, index = divmod(item, len(self.train))
+        return self.train.item_with(index, _train_transform(self.size, self.seed, epoch))
+
+
+@torch.no_grad()
+def _plain_features(extractor: Extractor, feature_fn: Callable[[Tensor], Tensor], train: ClassificationFolder,
+                    size: int) -> tuple[Tensor, Tensor]:
+    """Features and labels of every training image under the validation transform (``augment=False``), on
+    every process in dataset order."""
+    plain = train.with_transform(lambda image, index: normalise(resize_centre_crop(image, size)))
+    batches = extractor.my_batches(len(plain))
+    rows, labels, owners = [], [], []
+    for batch, (images, targets) in zip(batches, extractor.progress(extractor.loader(plain, batches), len(batches),
+                                                                    "linear: train features")):
+        with extractor.autocast():
+            rows.append(feature_fn(images.to(extractor.device)).float())
+        labels.append(torch.as_tensor(targets, device=extractor.device))
+        owners.append(torch.as_tensor(batch, device=extractor.device))
+    if not distributed.is_distributed():
+        return torch.cat(rows), torch.cat(labels)
+    _, table, table_labels = gather_in_index_order(torch.cat(owners), torch.cat(rows), torch.cat(labels))
+    return table, table_labels
+
+
 def run_linear(extractor: Extractor, root: str, settings: LinearSettings) -> tuple[dict[str, float], dict[str, float]]:
     """``(metrics, floors)``: train the head on ``<root>/train`` (augmented), score ``<root>/val``."""
     backbone = extractor.backbone
@@ -168,20 +207,34 @@ def run_linear(extractor: Extractor, root: str, settings: LinearSettings) -> tup
     if batch_size < distributed.world_size():
         raise ValueError(f"a global batch of {batch_size} leaves some of the {distributed.world_size()} processes "
                          "without images; use a batch_size of at least the number of processes")
-    for epoch in extractor.progress(range(settings.epochs), settings.epochs, "linear: head training"):
-        set_lr_(optimizer, lr_factor(recipe, epoch, settings.epochs))
-        epoch_set = train.with_transform(_train_transform(settings.image_size, settings.seed, epoch))
-        head.train()
-        batches = global_batches(len(train), batch_size, settings.seed, epoch)
-        loader = extractor.loader(epoch_set, [local_slice(batch) for batch in batches])  # one loader per epoch
-        for batch, (images, labels) in zip(batches, loader):
+    epoch_batches = [global_batches(len(train), batch_size, settings.seed, epoch) for epoch in range(settings.epochs)]
+    steps = [(epoch, batch) for epoch, batches in enumerate(epoch_batches) for batch in batches]
+    if settings.augment:
+        # One loader for every epoch (its workers start once): item ``epoch * N + i`` is image ``i`` under the
+        # augmentation of ``epoch``, so each epoch's batches and crops are those of a loader per epoch.
+        loader: Iterable = extractor.loader(_EpochImages(train, settings.image_size, settings.seed, settings.epochs),
+                                            [[epoch * len(train) + i for i in local_slice(batch)]
+                                             for epoch, batch in steps])
+    else:
+        table, train_labels = _plain_features(extractor, feature_fn, train, settings.image_size)
+        loader = ((table[local_slice(batch)], train_labels[local_slice(batch)]) for _, batch in steps)
+    bar = extractor.progress(zip(steps, loader), len(steps), f"linear: head training ({settings.epochs} epochs)")
+    current = -1
+    for (epoch, batch), (inputs, labels) in bar:
+        if epoch != current:
+            current = epoch
+            set_lr_(optimizer, lr_factor(recipe, epoch, settings.epochs))
+            head.train()
+        if settings.augment:
             with torch.no_grad(), extractor.autocast():
-                features = feature_fn(images.to(device)).float()
-            labels = torch.as_tensor(labels, device=device)
-            train_step(head, optimizer,
-                       lambda features=features, labels=labels: F.cross_entropy(head(features), labels,
-                                                                                reduction="sum"),
-                       len(batch))
+                features = feature_fn(inputs.to(device)).float()
+        else:
+            features = inputs
+        labels = torch.as_tensor(labels, device=device)
+        train_step(head, optimizer,
+                   lambda features=features, labels=labels: F.cross_entropy(head(features), labels,
+                                                                            reduction="sum"),
+                   len(batch))
     head.eval()
     return _score(extractor, head, feature_fn, val, train.num_classes, settings, train.labels)
 

@@ -27,8 +27,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from ssl_modules.evaluation.batches import global_batches, local_slice
-from ssl_modules.evaluation.datasets import SegmentationFiles, voc_split
+from ssl_modules.evaluation.datasets import SegmentationFiles
 from ssl_modules.evaluation.features import Extractor, dense_map
+from ssl_modules.evaluation.layouts import segmentation_split
 from ssl_modules.evaluation.metrics import (
     confusion_counts,
     miou_all_classes,
@@ -153,10 +154,11 @@ def sliding_window_logits(predict, image: Tensor, crop: int, stride: int, num_cl
     return total / count
 
 
-def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings
+def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings, dataset: str = "voc"
                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """``(metrics, floors)``: train the head on VOC ``train_aug`` (or ``train``), score ``val``."""
-    train = voc_split(root, "train", _TrainTransform(settings, 0), settings.num_classes)
+    """``(metrics, floors)``: train the head on VOC ``train_aug`` (or ``train``), score ``val``; ``dataset``
+    picks another layout of ``layouts.SEGMENTATION_DATASETS`` (the same recipe on ADE20K, Cityscapes, ...)."""
+    train = segmentation_split(dataset, root, "train", _TrainTransform(settings, 0), "voc-linear", settings.num_classes)
     device = extractor.device
     with torch.no_grad():
         channels = dense_map(extractor.embed(train[0][0][None])).shape[1]
@@ -187,7 +189,8 @@ def run_voc_linear(extractor: Extractor, root: str, settings: VOCLinearSettings
                 break
         epoch += 1
     head.eval()
-    return _score(extractor, head, voc_split(root, "val", _raw(settings), settings.num_classes), settings)
+    val = segmentation_split(dataset, root, "val", _raw(settings), "voc-linear", settings.num_classes)
+    return _score(extractor, head, val, settings)
 
 
 def _labelled(masks: Tensor, global_batch: int) -> int:

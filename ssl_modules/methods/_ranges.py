@@ -19,6 +19,7 @@ RULES: dict[str, Callable[[float], bool]] = {
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
 }
 """The valid ranges by name: ``rule -> predicate``."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import Tensor, nn
 
@@ -78,6 +78,18 @@ class SSLModule(pl.LightningModule):
             device (ImageNet's by default); float crops are taken as already normalised.
         nonfinite_guard: stop training at the first NaN/Inf loss term and never checkpoint or export
             non-finite weights (``ssl_modules.run.guard``; ``docs/failures.md``). ``False`` turns it off.
+        backbone_weights: the weights a new run starts from (``docs/posttraining.md``): ``"timm"`` (timm's
+            pretrained weights of ``backbone``), ``"timm:<pretrained name>"``, or a local file or folder (a
+            ``.safetensors``, a timm folder, an export, an official checkpoint, a checkpoint of this library).
+            The student is loaded before the teacher is copied from it, so both start from these weights; heads
+            start from scratch. Not a resume: ``--ckpt_path`` resumes a run (``ssl_modules.networks.initialization``).
+        trust_backbone_weights: read ``backbone_weights`` with full unpickling (the trust rule of
+            ``ssl_modules.checkpoints.reading``: only for a file from a source you trust).
+        layer_decay: layer-wise learning-rate decay (BEiT, DINOv2 fine-tuning): the backbone's layer ``l`` of
+            ``L`` (timm's grouping: 0 the stem, then one per block, the final norm with the last block) trains
+            at ``lr * layer_decay ** (L - l)``, the heads at ``lr``. ``None`` (or 1) turns it off.
+        freeze_blocks: freeze the stem and the first ``freeze_blocks`` blocks of the student (no gradient, not
+            in the optimizer; a teacher keeps them equal). ``0`` trains everything.
     """
 
     lr_warmup: ClassVar[WarmupFormula] = "fraction"
@@ -103,6 +115,10 @@ class SSLModule(pl.LightningModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         nonfinite_guard: bool = True,
+        backbone_weights: str | None = None,
+        trust_backbone_weights: bool = False,
+        layer_decay: float | None = None,
+        freeze_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,10 +129,19 @@ class SSLModule(pl.LightningModule):
             ("warmup_epochs", warmup_epochs, ">= 0"), ("weight_decay", weight_decay, ">= 0"),
             ("weight_decay_end", weight_decay_end, ">= 0"), ("momentum", momentum, "in [0, 1)"),
             ("betas", betas, "in [0, 1)"), ("lars_eta", lars_eta, "> 0"), ("clip_grad", clip_grad, ">= 0"),
+            ("layer_decay", layer_decay, "in (0, 1]"), ("freeze_blocks", freeze_blocks, ">= 0"),
         ])
         if clip_grad_mode not in ("global_norm", "per_parameter"):
             raise ValueError(f"clip_grad_mode must be 'global_norm' or 'per_parameter', got {clip_grad_mode!r}")
         self.backbone = self.build_backbone(backbone, dict(backbone_kwargs or {}))
+        self.backbone_source: dict[str, Any] | None = None  # where the starting weights came from
+        if backbone_weights is not None:
+            from ssl_modules.networks.initialization import initialise_backbone
+
+            self.backbone_source = initialise_backbone(self.backbone, backbone_weights,
+                                                       trust_backbone_weights).as_record()
+        if freeze_blocks:
+            freeze_first_layers(self.backbone, freeze_blocks)
         self.channels_last = channels_last and not self.backbone.is_vit
         self._schedules: dict[str, Schedule] | None = None  # declared at the first training batch of a fit
         self._schedule_values: dict[str, float] = {}  # the values applied to the current step
@@ -193,6 +218,22 @@ class SSLModule(pl.LightningModule):
             return self.encode(backbone, images)
         finally:
             backbone.train(was_training)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): shard the student backbone (per block or stage,
+        then whole), the heads and the EMA teacher's copies over the data-parallel mesh
+        (``ssl_modules.run.sharding``, ``docs/fsdp2.md``). Under any other strategy (no device mesh): nothing.
+        Called again by a later ``validate``/``fit`` of the same module: parts already sharded stay as they are."""
+        mesh = self._device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from ssl_modules.run import sharding
+
+        if any(isinstance(module, FSDPModule) for module in self.modules()):
+            return
+        sharding.shard_parts(self, sharding.data_parallel_mesh(mesh))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing: representation quality is measured by the probe callbacks, which run at the end of
@@ -306,6 +347,11 @@ class SSLModule(pl.LightningModule):
                     f"{type(self).__name__}: {description} lasts {steps} optimizer steps, longer than the run "
                     f"({plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:g} epochs of "
                     f"{plan.steps_per_epoch} steps): it never completes. Shorten it or train longer")
+        if self.backbone_source is not None and not self.trainer.ckpt_path:
+            source = self.backbone_source
+            rank_zero_info(f"{type(self).__name__}: a new run from {source['kind']} weights {source['location']}"
+                           + (f" (sha256 {source['sha256'][:12]})" if source.get("sha256") else "")
+                           + "; student and teacher start from them, the heads from scratch")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """The one schedule hook: evaluate every declared schedule at the optimizer step, apply the learning
@@ -325,7 +371,7 @@ class SSLModule(pl.LightningModule):
         the decayed groups' weight decay from ``weight_decay``."""
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = values[group.get("lr_schedule", "lr")]
+                group["lr"] = values[group.get("lr_schedule", "lr")] * group.get("lr_scale", 1.0)
                 if group.get("decayed", False):
                     group["weight_decay"] = values["weight_decay"]
 
@@ -348,9 +394,20 @@ class SSLModule(pl.LightningModule):
         (CrIBo's prototype layers follow ``last_layer_lr``); the others follow ``lr``."""
         return {}
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factor per parameter name (layer-wise decay of the student backbone; see ``layer_decay``).
+        Parameters not named train at the scheduled learning rate."""
+        decay = self.hparams.get("layer_decay")
+        if decay is None or decay == 1:
+            return {}
+        layers, count = self.backbone.layer_ids()
+        prefix = next(name for name, module in self.named_modules() if module is self.backbone)
+        return {f"{prefix}.{name}": decay ** (count - layer) for name, layer in layers.items()}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay, self.lr_schedule_groups())
+        groups = parameter_groups(self.trainable_named_parameters(), hp.weight_decay, self.lr_schedule_groups(),
+                                  self.lr_scales())
         return build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas),
                                eta=hp.lars_eta)
 
@@ -406,6 +463,7 @@ class SSLModule(pl.LightningModule):
         from ssl_modules.checkpoints.reading import class_path
 
         checkpoint["ssl_module_class"] = class_path(type(self))
+        checkpoint["ssl_module_backbone_source"] = self.backbone_source  # where the run's weights started
         backbone = self.embedding_backbone
         prefix = next(name for name, module in self.named_modules() if module is backbone)
         # What an export needs without importing the (maybe user-defined) class: see ``export_from_checkpoint``.
@@ -414,6 +472,15 @@ class SSLModule(pl.LightningModule):
             "state_prefix": f"{prefix}.model." if prefix else "model.",
             "removed_layer_scale": dict(getattr(backbone, "_removed_layer_scale", {})),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resume (``--ckpt_path``) must continue the run the module's ``backbone_weights`` describe."""
+        super().on_load_checkpoint(checkpoint)
+        if self._trainer is not None and self.trainer.ckpt_path and "ssl_module_backbone_source" in checkpoint:
+            from ssl_modules.networks.initialization import check_resume_matches_start
+
+            check_resume_matches_start(str(self.trainer.ckpt_path), checkpoint["ssl_module_backbone_source"],
+                                       self.backbone_source)
 
     @staticmethod
     def load_any(path: str | Path, map_location: str | torch.device = "cpu", *,
@@ -439,6 +506,18 @@ class SSLModule(pl.LightningModule):
 
         return export_backbone(self.embedding_backbone, path, self.hparams.get("mean", IMAGENET_MEAN),
                                self.hparams.get("std", IMAGENET_STD))
+
+
+def freeze_first_layers(backbone: Backbone, count: int) -> None:
+    """``requires_grad=False`` for the stem and the first ``count`` blocks of ``backbone`` (timm's grouping,
+    :meth:`~ssl_modules.networks.backbones.Backbone.layer_ids`)."""
+    layers, total = backbone.layer_ids()
+    if count > total - 1:
+        raise ValueError(f"freeze_blocks={count}: {backbone.name} has {total - 1} blocks after its stem; "
+                         f"freeze at most {total - 1} (the whole backbone)")
+    for name, param in backbone.named_parameters():
+        if layers.get(name, total) <= count:
+            param.requires_grad_(False)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ssl_modules.contracts import Views
 from ssl_modules.run import distributed
@@ -22,6 +23,7 @@ from ssl_modules.methods.base import SSLModule
 from ssl_modules.functional import cribo_loss, joint_space_clustering, object_representations
 from ssl_modules.networks.heads import DINOHead, NormalizedLinear
 from ssl_modules.methods.memory_bank import ObjectMemoryBank, upgrade_flat_bank_keys
+from ssl_modules.methods.sharded_bank import ShardedObjectMemoryBank
 from ssl_modules.methods.local_matching import cell_locations
 from ssl_modules.methods.multicrop import encode_views
 from ssl_modules.methods.teacher import TeacherEMA
@@ -72,6 +74,14 @@ class CrIBo(TeacherEMA, SSLModule):
         queue_size: image slots of the memory bank (25000); the bank holds ``K`` object rows per slot.
         normalized_matching: l2-normalise the bank rows for the neighbour search.
         search_chunk_size: bank rows scored at once in the neighbour search.
+        memory_bank_sharding: where the bank lives in a multi-process run. ``"sharded"``: each process keeps
+            only the objects of its own images, about 1/world of the bank
+            (:class:`~ssl_modules.methods.sharded_bank.ShardedObjectMemoryBank`; neighbours, cycle masks and
+            losses are those of the replicated bank, ``docs/cribo.md``); ``"replicated"``: the whole bank on
+            every process, as the official code; ``"auto"`` (default): sharded when ``fit`` runs in an
+            initialised process group of more than one process (it gives the same results), replicated
+            otherwise. The bank is sharded in ``setup`` (the world size is known only then); checkpoints hold
+            the replicated layout in either case, so a run resumes at any world size and in either mode.
         ema_momentum: teacher momentum at the start (cosine to 1).
         teacher_temp: teacher temperature of the global head after warm-up (0.07).
         warmup_teacher_temp: ... at epoch 0 (0.04).
@@ -115,6 +125,7 @@ class CrIBo(TeacherEMA, SSLModule):
         queue_size: int = 25000,
         normalized_matching: bool = True,
         search_chunk_size: int = 65536,
+        memory_bank_sharding: Literal["auto", "sharded", "replicated"] = "auto",
         ema_momentum: float = 0.996,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
@@ -151,6 +162,9 @@ class CrIBo(TeacherEMA, SSLModule):
             ("cluster_sinkhorn_iterations", cluster_sinkhorn_iterations, ">= 0"),
             ("cluster_sinkhorn_lambda", cluster_sinkhorn_lambda, "> 0"),
         ])
+        if memory_bank_sharding not in ("auto", "sharded", "replicated"):
+            raise ValueError(f"memory_bank_sharding must be 'auto', 'sharded' or 'replicated', got "
+                             f"{memory_bank_sharding!r}")
         if local_group_size is not None and local_group_size < 1:
             raise ValueError(f"local_group_size must be >= 1 or None, got {local_group_size}")
         backbone_kwargs = {"drop_path_rate": 0.1, **(backbone_kwargs or {})}
@@ -167,6 +181,24 @@ class CrIBo(TeacherEMA, SSLModule):
         # every process (a fixed seed), pushed out by real objects one batch at a time.
         self.memory_bank = ObjectMemoryBank(queue_size, num_clusters, width, normalized_matching, seed=0)
         self.register_load_state_dict_pre_hook(_read_flat_bank)  # picklable: ddp_spawn, torch.save(module)
+
+    def setup(self, stage: str) -> None:
+        """Shard the memory bank for ``fit`` in a multi-process run (``memory_bank_sharding``). Runs before
+        the strategy moves the module to its device and before a checkpoint is restored, so only the shard
+        reaches the device and a checkpoint loads straight into it."""
+        super().setup(stage)
+        if stage == "fit" and self.shards_memory_bank() and isinstance(self.memory_bank, ObjectMemoryBank):
+            self.memory_bank = ShardedObjectMemoryBank.from_replicated(self.memory_bank)
+        elif isinstance(self.memory_bank, ObjectMemoryBank):
+            # A replicated bank is updated identically on every process: DDP's broadcast of rank 0's buffers
+            # before each forward (2.5 GB per step at the released ViT-S size) would only copy it onto itself.
+            names = [f"memory_bank.{name}" for name, _ in self.memory_bank.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def shards_memory_bank(self) -> bool:
+        """Whether ``fit`` here keeps a sharded bank: a process group of more than one process, and
+        ``memory_bank_sharding`` is not ``"replicated"``."""
+        return self.hparams.memory_bank_sharding != "replicated" and distributed.is_distributed()
 
     def build_backbone(self, name: str, kwargs: dict[str, Any]) -> Backbone:
         """The official (DINO) ViT draws its CLS token from a truncated normal of std 0.02 (timm: 1e-6)."""
@@ -292,7 +324,11 @@ class CrIBo(TeacherEMA, SSLModule):
 
     @torch.no_grad()
     def enqueue(self, teacher_objects: Tensor, valid: Tensor) -> None:
-        """Push the objects of every process's batch (rank order) into the banks; identical on all ranks."""
+        """Push the objects of every process's batch (rank order) into the banks: a sharded bank keeps this
+        process's images (and gathers only their counts), a replicated one gathers every process's objects."""
+        if isinstance(self.memory_bank, ShardedObjectMemoryBank):
+            self.memory_bank.enqueue_local_(teacher_objects, valid)
+            return
         objects = distributed.all_gather_no_grad(teacher_objects.transpose(0, 1).contiguous()).transpose(0, 1)
         self.memory_bank.enqueue_(objects, distributed.all_gather_no_grad(valid))
 

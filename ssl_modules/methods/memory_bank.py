@@ -14,7 +14,9 @@ neighbours with:
 - the search in chunks of rows, each masked to the valid part in place: no temporary of bank size.
 
 Every update is a function of tensors identical on all processes (the gathered batch), so the banks stay
-identical under DDP; all state is in buffers and goes into checkpoints.
+identical under DDP; all state is in buffers and goes into checkpoints. In a multi-process ``fit``, CrIBo
+shards it instead (:class:`~ssl_modules.methods.sharded_bank.ShardedObjectMemoryBank`, the same results
+with 1/world of the rows per process).
 """
 from __future__ import annotations
 

@@ -274,7 +274,9 @@ class Backbone(nn.Module):
                 key = key.removeprefix(prefix)
             cleaned[key] = value
         converter = getattr(importlib.import_module(type(self.model).__module__), "checkpoint_filter_fn", None)
-        if converter is not None and not self.is_vit:
+        if converter is not None and (not self.is_vit or not _fits(self.model, cleaned)):
+            # ViTs in timm's own names load as they are; other layouts (DINOv2's official names, a position
+            # embedding of another size) go through timm's converter of the family, which resamples it.
             cleaned = converter(cleaned, self.model)
         classifier = ("fc.", "head.fc.", "head.weight", "head.bias")
         cleaned = {k: v for k, v in cleaned.items() if not k.startswith(classifier)}
@@ -299,6 +301,18 @@ class Backbone(nn.Module):
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
 
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """``({parameter name: layer}, number of layers)`` in timm's fine grouping (``group_matcher``): 0 is the
+        stem (patch embedding, position embedding, CLS and register tokens; a CNN's first convolution), then one
+        layer per block in depth order; the final norm is the last layer. Names are this module's
+        (``model.blocks.0.attn.qkv.weight``). Layer-wise learning-rate decay and ``freeze_blocks`` use it."""
+        if not hasattr(self.model, "group_matcher"):
+            raise ValueError(f"{self.name}: timm gives no layer grouping (group_matcher) for this model, which "
+                             "layer_decay and freeze_blocks need; use a ViT, ResNet or ConvNeXt")
+        grouping = timm.models.group_parameters(self.model, self.model.group_matcher(coarse=False), reverse=True)
+        count = max(grouping.values()) + 1
+        return {f"model.{name}": layer for name, layer in grouping.items()}, count
+
     def timm_state_dict(self) -> dict[str, Tensor]:
         """The weights as ``timm.create_model(name, num_classes=0, **model_kwargs)`` names them.
 
@@ -311,6 +325,13 @@ class Backbone(nn.Module):
             state[key] = torch.ones(channels, dtype=reference.dtype if reference is not None else None,
                                     device=reference.device if reference is not None else None)
         return state
+
+
+def _fits(model: nn.Module, state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` has exactly ``model``'s parameter and buffer names and shapes (classifier aside)."""
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    given = {k: v.shape for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "head.weight", "head.bias"))}
+    return own == given
 
 
 # Where the backbone sits in each layout, most specific first: the teacher wherever there is one.

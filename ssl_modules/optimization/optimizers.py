@@ -76,6 +76,7 @@ def parameter_groups(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
     weight_decay: float,
     lr_schedules: Mapping[str, Callable[[str], bool]] | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Groups of the trainable parameters: decayed (``ndim > 1``, not a bias) and not decayed, per LR schedule.
 
@@ -83,24 +84,27 @@ def parameter_groups(
     ``lars_exclude`` for LARS, and ``lr_schedule``: the name of the schedule its learning rate follows
     (``"lr"``, or the first name of ``lr_schedules`` whose predicate accepts the parameter's name; e.g.
     CrIBo's ``{"last_layer_lr": lambda n: "last_layer" in n}``). ``name`` is ``<schedule>/decay`` or
-    ``<schedule>/no_decay``.
+    ``<schedule>/no_decay``. ``lr_scales`` (parameter name -> factor; layer-wise decay) splits the groups
+    further: a group's ``lr_scale`` multiplies its scheduled learning rate, and its name ends in
+    ``@<scale>`` when the scale is not 1.
     """
-    selectors = dict(lr_schedules or {})
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    selectors, scales = dict(lr_schedules or {}), dict(lr_scales or {})
+    buckets: dict[tuple[str, bool, float], list[nn.Parameter]] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         schedule = next((key for key, accepts in selectors.items() if accepts(name)), "lr")
-        buckets.setdefault((schedule, _is_decayed(name, param)), []).append(param)
+        buckets.setdefault((schedule, _is_decayed(name, param), scales.get(name, 1.0)), []).append(param)
     order = ["lr", *selectors]
     groups = []
     for schedule in order:
         for decayed in (True, False):
-            params = buckets.get((schedule, decayed))
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0,
-                               "decayed": decayed, "lars_exclude": not decayed, "lr_schedule": schedule,
-                               "name": f"{schedule}/{'decay' if decayed else 'no_decay'}"})
+            for scale in sorted({key[2] for key in buckets if key[:2] == (schedule, decayed)}, reverse=True):
+                name = f"{schedule}/{'decay' if decayed else 'no_decay'}" + ("" if scale == 1.0 else f"@{scale:.4g}")
+                groups.append({"params": buckets[(schedule, decayed, scale)],
+                               "weight_decay": weight_decay if decayed else 0.0, "decayed": decayed,
+                               "lars_exclude": not decayed, "lr_schedule": schedule, "lr_scale": scale,
+                               "name": name})
     return groups
 
 

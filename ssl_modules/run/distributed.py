@@ -25,6 +25,7 @@ __all__ = [
     "all_reduce",
     "broadcast_",
     "sum_",
+    "all_to_all_blocks",
 ]
 
 
@@ -152,3 +153,20 @@ def sum_(tensors: list[Tensor]) -> None:
     for tensor in tensors:
         before_collective()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def all_to_all_blocks(tensor: Tensor) -> Tensor:
+    """Exchange equal blocks: ``tensor`` is ``(world, ...)`` with block ``s`` meant for process ``s``; the
+    result's block ``s`` is what process ``s`` sent to this one (no gradient; ``tensor`` itself when not
+    distributed). Every process passes the same shape."""
+    if not is_distributed():
+        return tensor.detach()
+    if tensor.shape[0] != dist.get_world_size():
+        raise ValueError(f"all_to_all_blocks needs one block per process along dim 0 ({dist.get_world_size()}), "
+                         f"got {tuple(tensor.shape)}")
+    before_collective()
+    tensor = tensor.detach().contiguous()
+    out = torch.empty_like(tensor)  # contiguous too (empty_like keeps the strides of its argument)
+    dist.all_to_all_single(out, tensor)
+    return out

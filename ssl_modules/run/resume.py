@@ -292,7 +292,9 @@ def resolve_last_checkpoint(root: str | Path, dirpaths: Sequence[str | Path] = (
     root = Path(root)
     candidates = [path for folder in run_checkpoint_folders(root, dirpaths, logs) for path in folder.glob("*.ckpt")]
     candidates += list(root.glob("hpc_ckpt_*.ckpt"))
-    candidates = [path for path in candidates if path.is_file()]
+    from ssl_modules.checkpoints.reading import is_distributed_checkpoint
+
+    candidates = [path for path in candidates if path.is_file() or is_distributed_checkpoint(path)]
     return max(candidates, key=lambda path: path.stat().st_mtime_ns) if candidates else None
 
 
@@ -456,7 +458,9 @@ def prepare_resume(section: Any, config_dir: str | Path | None = None) -> list[s
             return lines
         section["ckpt_path"] = ckpt_path = str(found)
     path = Path(ckpt_path)
-    if not path.is_file():
+    from ssl_modules.checkpoints.reading import is_distributed_checkpoint
+
+    if not path.is_file() and not is_distributed_checkpoint(path):  # a file, or an FSDP2 checkpoint folder
         raise FileNotFoundError(f"--ckpt_path {path} does not exist; give a .ckpt file, or 'last' for the newest "
                                 "checkpoint of the run")
     checkpoint = _read_for_resume(path)

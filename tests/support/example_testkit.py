@@ -15,13 +15,27 @@ CONFIGS = REPO / "examples" / "configs"
 NOT_PAPER = {"synthetic_tiny.yaml", "quickstart.yaml"}  # CPU configs: they must run, not reproduce a paper
 
 
+OVERRIDES = {"fsdp2.yaml"}  # partial configs added after a method's config (--config <method> --config <override>)
+
+
 def all_configs() -> list[Path]:
-    """Every YAML under ``examples/configs`` (found anew each run, so added files are covered)."""
-    return sorted(CONFIGS.rglob("*.yaml"))
+    """Every YAML under ``examples/configs`` (found anew each run, so added files are covered) but the overrides."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.name not in OVERRIDES)
+
+
+def override_configs() -> list[Path]:
+    """The partial configs that switch any config to another setting (FSDP2)."""
+    return sorted(CONFIGS / name for name in OVERRIDES)
 
 
 def paper_configs() -> list[Path]:
-    return [p for p in all_configs() if p.name not in NOT_PAPER]
+    """The configs of a paper's recipe (from scratch, the official settings)."""
+    return [p for p in all_configs() if p.name not in NOT_PAPER and p.parent.name != "posttrain"]
+
+
+def posttrain_configs() -> list[Path]:
+    """The configs that start from foundation weights (``examples/configs/posttrain``)."""
+    return sorted((CONFIGS / "posttrain").glob("*.yaml"))
 
 
 def tiny_configs() -> list[Path]:

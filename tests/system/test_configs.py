@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support.example_testkit import (all_configs, config_id, paper_configs, quick_probes_config, resolve,  # noqa: F401
-                             synthetic_root, tiny_configs)
+from support.example_testkit import (CONFIGS, all_configs, config_id, override_configs, paper_configs,  # noqa: F401
+                                     posttrain_configs, quick_probes_config, resolve, synthetic_root, tiny_configs)
 from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from ssl_modules.methods.base import SSLModule
@@ -98,6 +99,18 @@ def test_every_config_parses_with_the_cli(path, capsys, monkeypatch):
     assert_reaches(given, printed, "config")
 
 
+@pytest.mark.parametrize("paper", ["cribo/imagenet_vit_small_16.yaml", "bam/vit_small_16.yaml",
+                                   "vicregl/resnet50_alpha0.9.yaml"])
+@pytest.mark.parametrize("override", override_configs(), ids=config_id)
+def test_an_override_switches_a_paper_config_and_keeps_the_rest(override, paper, capsys, monkeypatch):
+    plain = print_config(CONFIGS / paper, capsys, monkeypatch)
+    switched = print_config(CONFIGS / paper, capsys, monkeypatch, "--config", str(override))
+    assert_reaches(load(override), switched, "override")  # the override's values all arrive
+    assert switched["model"] == plain["model"] and switched["data"] == plain["data"]
+    strategy = switched["trainer"]["strategy"]
+    assert isinstance(resolve(strategy["class_path"])(**strategy.get("init_args", {})), ModelParallelStrategy)
+
+
 # ------------------------------------------------------------------------------------------ paper configs
 
 @pytest.mark.parametrize("path", paper_configs(), ids=config_id)
@@ -164,6 +177,32 @@ def test_paper_config_builds_its_model_data_and_callbacks(path, monkeypatch):
     built = [type(c) for c in cli.trainer.callbacks if isinstance(c, Callback)]
     assert all(cls in built for cls in wanted)
     assert cli.trainer.max_epochs == config["trainer"]["max_epochs"]
+
+
+def test_there_is_a_posttraining_config_per_method():
+    methods = {resolve(load(p)["model"]["class_path"]).__name__ for p in posttrain_configs()}
+    assert methods == {"CrIBo", "BAM", "VICRegL"}
+
+
+@pytest.mark.parametrize("path", posttrain_configs(), ids=config_id)
+def test_posttraining_config_builds_from_timm_weights_of_its_own_architecture(path, monkeypatch):
+    """Built on the meta device without reading the weights (there is no network here); the weights it names
+    are timm's pretrained tag of the very architecture it builds, and every crop is a whole number of patches."""
+    config = load(path)
+    model_args = config["model"]["init_args"]
+    spec = model_args["backbone_weights"]
+    assert spec.startswith("timm:") and spec[len("timm:"):].split(".")[0] == model_args["backbone"]
+    assert "STARTING POINT, not a" in path.read_text()  # the comments do not pass it off as a reproduced result
+    monkeypatch.setattr(sys, "argv", ["ssl_modules"])
+    with torch.device("meta"):
+        cli = SSLCLI(SSLModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                     auto_configure_optimizers=False,
+                     args=["--config", str(path), *CPU_TRAINER, "--model.init_args.backbone_weights", "null"])
+    model, views = cli.model, cli.datamodule.views
+    assert model.hparams.layer_decay == model_args["layer_decay"]
+    assert model.backbone.stride == 14 and model.backbone.num_prefix_tokens == 5  # CLS + 4 registers
+    sizes = [views.global_size] + ([views.local_size] if views.n_local else [])
+    assert all(size % 14 == 0 for size in sizes), sizes
 
 
 # -------------------------------------------------------------------------------------------- CPU configs

@@ -23,7 +23,7 @@ README_PROBES = ("probe/linear_top1", "probe/knn_top1", "probe/voc_miou", "probe
 # segmentation +0.004, retrieval +0.036 (the full 32 epochs: +0.050 / +0.080 / +0.019 / +0.038). The run is
 # deterministic, so the margin below guards a regression, not noise; a shorter run (240 steps on 1,000 scenes)
 # loses k-NN to raw pixels, and seed 1 at 4 epochs loses linear (0.172 vs 0.180): the README says so.
-CLAIM_DATA = ["--data.init_args.num_workers", "0"]
+CLAIM_DATA = ["--data.init_args.num_workers", "2"]  # the same batches as with 0 workers, ~12% faster on 2 cores
 CLAIM_FIT = ["--trainer.max_epochs", "4"]
 CLAIM_MARGIN = 0.002  # the smallest lead over the better baseline that counts
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,32 +70,6 @@ def test_sigterm_stops_at_the_batch_with_a_checkpoint_exits_143_and_resumes_exac
     assert first["global_step"] == 20
     resumed = run("vicregl", tmp_path / "stopped", 0, ckpt_path="last")
     assert_same_run(reference, {**first["losses"], **resumed["losses"]}, resumed)
-
-
-@pytest.mark.slow
-def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_resumes(tmp_path):
-    """Under SLURM (auto-requeue) SIGUSR1 writes hpc_ckpt_1.ckpt at a batch boundary, calls
-    ``scontrol requeue <job>``, and the requeued job (same command, no --ckpt_path) resumes it."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "pretrain",
-             "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-             "SLURM_NODELIST": "127.0.0.1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    reference = run("vicregl", tmp_path / "ref", 0)
-    root = tmp_path / "job"
-    code = cli_subprocess("vicregl", root, tmp_path / "first.pt", devices=1, env=slurm,
-                          signal_at=(20, int(signal.SIGUSR1), 0), checkpoint_every_steps=100)
-    assert code == 128 + signal.SIGUSR1
-    assert calls.read_text().split() == ["requeue", "4242"]
-    assert torch.load(root / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)["global_step"] == 20
-    assert cli_subprocess("vicregl", root, tmp_path / "second.pt", devices=1, env=slurm,
-                          checkpoint_every_steps=100) == 0
-    first, second = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
-    assert min(second["losses"]) == 21
-    assert_same_run(reference, {**first["losses"], **second["losses"]}, second)
 
 
 # ------------------------------------------------------------------------------------------- DDP, CLI
